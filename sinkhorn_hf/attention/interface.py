@@ -1,0 +1,116 @@
+"""``attn_implementation="sinkhorn"``: the transformers attention function, its mask function, and the
+guards that make the name safe to use (supported families only, persisted on save)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface, PreTrainedConfig, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ..families import check_supported
+from .masking import support_from_mask
+from .settings import SinkhornSettings
+from .sinkhorn import sinkhorn
+
+ATTN_IMPLEMENTATION = "sinkhorn"
+
+
+class CausalSinkhornError(ValueError):
+    """Sinkhorn attention was asked for a causal (decoder) attention."""
+
+
+def sinkhorn_attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[Tensor, Tensor | None]:
+    """Doubly stochastic attention: out = Sinkhorn_K(QKᵀ·scaling + bias) V.
+
+    query (B, H, Lq, D), key/value (B, H, Lk, D), attention_mask as transformers passes it (see
+    :mod:`.masking`). Returns the output (B, Lq, H, D) and, when ``output_attentions=True`` was passed to
+    the model's forward, the attention matrices (B, H, Lq, Lk). Settings come from ``module.config``.
+    """
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", False)
+    if is_causal:
+        raise CausalSinkhornError(
+            f"{type(module).__name__} is causal, and sinkhorn attention cannot be: its column normalisation "
+            "lets future tokens change the past. Use it on bidirectional encoders only (for a composite model, "
+            'pass e.g. attn_implementation={"vision_config": "sinkhorn", "text_config": "sdpa"}).'
+        )
+    settings = SinkhornSettings.from_config(module.config)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    # Sinkhorn iterates exponentials of score differences: half precision would lose the marginals.
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+    support = support_from_mask(attention_mask, query.shape[-2], key.shape[-2], query.device)
+    if support.bias is not None:
+        scores = scores + support.bias
+    weights = sinkhorn(scores, support.allowed, support.query_valid, settings.iterations, settings.tolerance)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights.to(value.dtype), value).transpose(1, 2).contiguous()
+    return output, weights.to(query.dtype) if kwargs.get("output_attentions") else None
+
+
+def _check_sinkhorn_request(get_correct_attn_implementation):
+    """Refuse ``sinkhorn`` where it would silently not run (transformers accepts any registered name)."""
+
+    @functools.wraps(get_correct_attn_implementation)
+    def wrapper(self: PreTrainedModel, requested_attention: str | None, is_init_check: bool = False) -> str:
+        if requested_attention == ATTN_IMPLEMENTATION:
+            check_supported(self.config, type(self).__name__)
+            if not (type(self).is_backend_compatible() and type(self)._can_set_attn_implementation()):
+                raise ValueError(
+                    f"{type(self).__name__} does not route its attention through transformers' AttentionInterface, "
+                    "so sinkhorn attention would not run."
+                )
+            if getattr(self.config, "is_decoder", False):
+                raise CausalSinkhornError(
+                    f"{type(self).__name__} is configured as a decoder (is_decoder=True); sinkhorn attention is "
+                    "for bidirectional encoders only, as column normalisation leaks future tokens into the past."
+                )
+            SinkhornSettings.from_config(self.config)  # bad settings fail at load time, not at the first step
+        return get_correct_attn_implementation(self, requested_attention, is_init_check)
+
+    wrapper._sinkhorn_guard = True
+    return wrapper
+
+
+def _persist_attn_implementation(to_dict):
+    """Write ``attn_implementation: "sinkhorn"`` into saved configs: transformers drops the key on save, and a
+    fine-tuned Sinkformer would otherwise reload as SDPA without a word."""
+
+    @functools.wraps(to_dict)
+    def wrapper(self: PreTrainedConfig) -> dict:
+        output = to_dict(self)
+        if getattr(self, "_attn_implementation_internal", None) == ATTN_IMPLEMENTATION:
+            output["attn_implementation"] = ATTN_IMPLEMENTATION
+        return output
+
+    wrapper._sinkhorn_guard = True
+    return wrapper
+
+
+def register() -> None:
+    """Register ``"sinkhorn"`` with transformers (attention + mask functions) and install the guards.
+
+    Idempotent; called on ``import sinkhorn_hf``.
+    """
+    AttentionInterface.register(ATTN_IMPLEMENTATION, sinkhorn_attention_forward)
+    # Without a registered mask function transformers passes attention_mask=None: padding would get mass.
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    if not getattr(PreTrainedModel.get_correct_attn_implementation, "_sinkhorn_guard", False):
+        PreTrainedModel.get_correct_attn_implementation = _check_sinkhorn_request(
+            PreTrainedModel.get_correct_attn_implementation
+        )
+    if not getattr(PreTrainedConfig.to_dict, "_sinkhorn_guard", False):
+        PreTrainedConfig.to_dict = _persist_attn_implementation(PreTrainedConfig.to_dict)

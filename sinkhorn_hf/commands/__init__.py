@@ -1,0 +1,1 @@
+"""Subcommands of the ``sinkhorn-hf`` console script (see :mod:`sinkhorn_hf.cli`)."""

@@ -1,0 +1,50 @@
+"""``sinkhorn-hf diagnose``: how far a model's own SoftMax attention is from doubly stochastic."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "diagnose",
+        help="measure how far a text encoder's softmax attention is from doubly stochastic",
+        description="Run sentences through a model with SoftMax attention and report, per layer, the spread of "
+        "column sums over valid tokens (0 = doubly stochastic). Optionally plot it.",
+    )
+    parser.add_argument("model", help="local path or Hub name of a supported text encoder")
+    parser.add_argument("--text-file", type=Path, help="one sentence per line (default: a few built-in sentences)")
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--plot", type=Path, help="write a PNG of the column-sum spread per layer here")
+    parser.add_argument("--json", type=Path, help="write the per-layer report as JSON here")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers import AutoModel, AutoTokenizer
+
+    from ..attention.diagnostics import plot_column_spread, softmax_marginals
+    from .demo import _SENTENCES
+
+    if args.text_file is not None:
+        if not args.text_file.is_file():
+            raise SystemExit(f"--text-file {args.text_file} does not exist")
+        sentences = [line.strip() for line in args.text_file.read_text().splitlines() if line.strip()]
+        if not sentences:
+            raise SystemExit(f"--text-file {args.text_file} has no non-empty line")
+    else:
+        sentences = list(_SENTENCES)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModel.from_pretrained(args.model).eval()
+    inputs = tokenizer(sentences, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt")
+    report = softmax_marginals(model, **inputs)
+    print("layer  std(col sums)  max|col sum-1|")
+    for row in report.summary():
+        print(f"{row['layer']:>5}  {row['column_std']:>13.3e}  {row['column_error']:>14.3e}")
+    if args.json:
+        args.json.write_text(json.dumps(report.summary(), indent=2))
+    if args.plot:
+        print(f"plot: {plot_column_spread(report, args.plot, title=f'{args.model}: softmax column-sum spread')}")
+    return 0
