@@ -64,7 +64,8 @@ def sinkhorn_potentials(
         else:
             lse = torch.where(column_allowed, scores + u, MASKED_LOGIT).logsumexp(dim=-2, keepdim=True)
             if tolerance is not None:
-                error = torch.where(column_has_mass, (lse - log_target).exp() - 1, 0.0).abs()
+                # column sums of the current state are exp(lse + v)
+                error = torch.where(column_has_mass, (lse + v - log_target).exp() - 1, 0.0).abs()
                 now = error.amax(dim=-1, keepdim=True) <= tolerance
                 converged = now if converged is None else converged | now
             new_v = torch.where(column_has_mass, log_target - lse, 0.0)
