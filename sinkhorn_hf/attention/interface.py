@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface, PreTrainedConfig, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.utils.output_capturing import _active_collector
 
 from ..families import check_supported
 from .masking import support_from_mask
@@ -58,7 +59,19 @@ def sinkhorn_attention_forward(
     weights = sinkhorn(scores, support.allowed, support.query_valid, settings.iterations, settings.tolerance)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     output = torch.matmul(weights.to(value.dtype), value).transpose(1, 2).contiguous()
-    return output, weights.to(query.dtype) if kwargs.get("output_attentions") else None
+    return output, weights.to(query.dtype) if attentions_requested(kwargs) else None
+
+
+def attentions_requested(kwargs: dict) -> bool:
+    """Whether the caller wants the attention matrices back.
+
+    Some models (e.g. SigLIP) record them with transformers' output collector without passing
+    ``output_attentions`` down to the attention function.
+    """
+    if kwargs.get("output_attentions"):
+        return True
+    collector = _active_collector.get()
+    return bool(collector) and "attentions" in collector
 
 
 def _check_sinkhorn_request(get_correct_attn_implementation):
