@@ -31,6 +31,8 @@ def check_supported(config: Any, class_name: str | None = None) -> str:
         what = f"{class_name} (model_type={model_type!r})" if class_name else f"model_type={model_type!r}"
         raise UnsupportedModelError(
             f"sinkhorn_hf does not support {what}: its attention does not go through transformers' "
-            f"AttentionInterface as a bidirectional encoder. Supported model types: {', '.join(SUPPORTED_FAMILIES)}."
+            f"AttentionInterface as a bidirectional encoder. Supported model types: {', '.join(SUPPORTED_FAMILIES)}. "
+            "For a composite model, name the towers, e.g. "
+            'attn_implementation={"vision_config": "sinkhorn", "text_config": "sdpa"}.'
         )
     return model_type

@@ -3,6 +3,7 @@ guards that make the name safe to use (supported families only, persisted on sav
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -125,5 +126,10 @@ def register() -> None:
         PreTrainedModel.get_correct_attn_implementation = _check_sinkhorn_request(
             PreTrainedModel.get_correct_attn_implementation
         )
+    # transformers routes from_pretrained(..., key=value) into the config only for keys the config already has:
+    # class-level defaults make `sinkhorn_iterations=5` land there (instances override; only those are saved).
+    for name, default in dataclasses.asdict(SinkhornSettings()).items():
+        if not hasattr(PreTrainedConfig, f"sinkhorn_{name}"):
+            setattr(PreTrainedConfig, f"sinkhorn_{name}", default)
     if not getattr(PreTrainedConfig.to_dict, "_sinkhorn_guard", False):
         PreTrainedConfig.to_dict = _persist_attn_implementation(PreTrainedConfig.to_dict)

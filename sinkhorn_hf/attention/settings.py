@@ -23,9 +23,7 @@ class SinkhornSettings:
                 f"got {self.iterations!r}"
             )
         if self.tolerance is not None and (
-            isinstance(self.tolerance, bool)
-            or not isinstance(self.tolerance, (int, float))
-            or not self.tolerance > 0
+            isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float)) or not self.tolerance > 0
         ):
             raise ValueError(f"sinkhorn_tolerance must be None or a float > 0, got {self.tolerance!r}")
 

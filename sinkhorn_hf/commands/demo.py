@@ -72,8 +72,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"sinkhorn iterations K={args.iterations} (rows exact for odd K; columns converge as K grows)\n")
     print("layer  max|row sum-1|  max|col sum-1|  std(col sums)")
     for row in report.summary():
-        print(
-            f"{row['layer']:>5}  {row['row_error']:>14.2e}  {row['column_error']:>14.2e}  {row['column_std']:>13.2e}"
-        )
+        print(f"{row['layer']:>5}  {row['row_error']:>14.2e}  {row['column_error']:>14.2e}  {row['column_std']:>13.2e}")
     print(f"\nrelative change of the last hidden state vs softmax (valid tokens): {change:.3e}")
     return 0

@@ -62,9 +62,7 @@ def _config(model_type: str):
 def make_tiny(model_type: str, attn_implementation: str = "eager", seed: int = 0) -> Tiny:
     torch.manual_seed(seed)
     _, model_name = TEXT.get(model_type) or VISION[model_type]
-    model = getattr(transformers, model_name)._from_config(
-        _config(model_type), attn_implementation=attn_implementation
-    )
+    model = getattr(transformers, model_name)._from_config(_config(model_type), attn_implementation=attn_implementation)
     model.eval()
     generator = torch.Generator().manual_seed(seed + 1)
     if model_type in TEXT:
@@ -76,6 +74,14 @@ def make_tiny(model_type: str, attn_implementation: str = "eager", seed: int = 0
     if model_type == "vit_mae":  # fixed patch order: MAE shuffles patches with random noise otherwise
         inputs["noise"] = torch.arange(16, dtype=torch.float).expand(2, 16)
     return Tiny(model, inputs, None)
+
+
+def sharpen(tiny: Tiny, factor: float = 30.0) -> Tiny:
+    """Scale BERT query weights so attention is far from uniform (random init gives near-uniform rows)."""
+    with torch.no_grad():
+        for layer in tiny.model.encoder.layer:
+            layer.attention.self.query.weight.mul_(factor)
+    return tiny
 
 
 ALL_FAMILIES = list(TEXT) + list(VISION)

@@ -121,5 +121,6 @@ def test_tolerance_stops_early_and_meets_it():
 @pytest.mark.parametrize("bad", [0, -1, 2.0, True, None])
 def test_bad_iterations_rejected(bad):
     with pytest.raises(ValueError, match="iterations must be an int >= 1"):
-        sinkhorn_potentials(torch.zeros(1, 2, 2), torch.ones(1, 2, 2, dtype=torch.bool),
-                            torch.ones(1, 2, 1, dtype=torch.bool), bad)
+        sinkhorn_potentials(
+            torch.zeros(1, 2, 2), torch.ones(1, 2, 2, dtype=torch.bool), torch.ones(1, 2, 1, dtype=torch.bool), bad
+        )
