@@ -10,6 +10,9 @@ from collections.abc import Sequence
 _COMMANDS = (
     "sinkhorn_hf.commands.demo",
     "sinkhorn_hf.commands.diagnose",
+    "sinkhorn_hf.commands.convert",
+    "sinkhorn_hf.commands.card",
+    "sinkhorn_hf.commands.push",
 )
 
 

@@ -1,0 +1,347 @@
+"""Model cards for Sinkhorn checkpoints: ``RUN_DIR/README.md`` from a template in ``model_cards/``.
+
+Reads what the run directory holds (config.json; results.json from the trainer; sinkhorn_conversion.json from
+:func:`~sinkhorn_hf.hub.convert`) and renders it with huggingface_hub's ``ModelCard``/``ModelCardData``, so
+the metadata block (base model, tags, datasets, ``model-index`` eval results) is the Hub's own format.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from ..attention.settings import SinkhornSettings
+from .convert import CONFIG_NAME, CONVERSION_RECORD
+from .model_kind import model_kind
+
+RESULTS_FILE = "results.json"
+CARD_FILE = "README.md"
+# Shipped beside the package (``model_cards/`` at the repository root; installed next to ``sinkhorn_hf/``).
+TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "model_cards" / "sinkhorn_model_card.md"
+# The card is often written before the repository exists; ``push`` fills this in with the repo id.
+REPO_ID_PLACEHOLDER = "<namespace>/<model-name>"
+SINKHORN_TAGS = ["sinkhorn", "sinkformer", "doubly-stochastic-attention"]
+
+_GLUE_TASKS = {
+    "cola": "CoLA",
+    "sst2": "SST-2",
+    "mrpc": "MRPC",
+    "qqp": "QQP",
+    "stsb": "STS-B",
+    "mnli": "MNLI",
+    "qnli": "QNLI",
+    "rte": "RTE",
+    "wnli": "WNLI",
+}
+# Datasets the scripts know, by short name or Hub id: (the id the Hub lists them under, a readable name).
+_DATASETS = {
+    "glue": ("nyu-mll/glue", "GLUE"),
+    "nyu-mll/glue": ("nyu-mll/glue", "GLUE"),
+    "imdb": ("stanfordnlp/imdb", "IMDB"),
+    "stanfordnlp/imdb": ("stanfordnlp/imdb", "IMDB"),
+    "mnist": ("ylecun/mnist", "MNIST"),
+    "ylecun/mnist": ("ylecun/mnist", "MNIST"),
+}
+# model-index metric ids (hf.co/metrics) where the key the metric returns differs.
+_METRIC_IDS = {"pearson": "pearsonr"}
+_METRIC_NAMES = {
+    "accuracy": "Accuracy",
+    "f1": "F1",
+    "matthews_correlation": "Matthews correlation",
+    "pearson": "Pearson correlation",
+    "spearmanr": "Spearman correlation",
+}
+# Adjoint schemes whose forward pass differs from the plain model (so loading needs them switched on).
+_FORWARD_CHANGING_SCHEMES = ("heun", "momentum")
+
+_NUMBER = (int, float)
+_RESULT_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {  # key: (allowed types, required)
+    "model_name_or_path": ((str,), True),
+    "command": ((str,), True),
+    "metrics": ((dict,), True),
+    "task_name": ((str, type(None)), False),
+    "dataset": ((str, list, type(None)), False),
+    "attn_implementation": ((str, type(None)), False),
+    "sinkhorn_iterations": ((int, type(None)), False),
+    "adjoint": ((str, bool, dict, type(None)), False),
+    "lora": ((dict, type(None)), False),
+    "eval_split": ((str, list, type(None)), False),
+    "num_train_samples": ((int, type(None)), False),
+    "train_steps": ((int, type(None)), False),
+    "epochs": ((*_NUMBER, type(None)), False),
+    "seed": ((int, type(None)), False),
+    "train_runtime_s": ((*_NUMBER, type(None)), False),
+    "train_samples_per_second": ((*_NUMBER, type(None)), False),
+    "peak_memory_mb": ((*_NUMBER, type(None)), False),
+}
+
+
+class CardError(ValueError):
+    """The run directory or its results file cannot make a truthful card."""
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """Read and check a trainer ``results.json``: the keys the card uses must have the documented types,
+    and every metric must be a finite number. Raises :class:`CardError` naming what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise CardError(f"results file {path} does not exist")
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CardError(f"{path} is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})") from None
+    if not isinstance(results, dict):
+        raise CardError(f"{path} must hold a JSON object of run results, got {type(results).__name__}")
+    for key, (types, required) in _RESULT_TYPES.items():
+        if key not in results:
+            if required:
+                needed = ", ".join(name for name, (_, needs) in _RESULT_TYPES.items() if needs)
+                raise CardError(f"{path} has no {key!r}; a trainer results file needs at least: {needed}")
+            continue
+        value = results[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            allowed = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise CardError(f"{path}: {key!r} must be {allowed}, got {value!r}")
+    for key in ("dataset", "eval_split"):
+        if isinstance(results.get(key), list) and not all(isinstance(item, str) for item in results[key]):
+            raise CardError(f"{path}: {key!r} must be a string or a list of strings, got {results[key]!r}")
+    for name, value in results["metrics"].items():
+        if isinstance(value, bool) or not isinstance(value, _NUMBER) or not math.isfinite(value):
+            raise CardError(f"{path}: metric {name!r} must be a finite number, got {value!r}")
+    return results
+
+
+def build_card(
+    run_dir: str | Path,
+    results_path: str | Path | None = None,
+    *,
+    base_model: str | None = None,
+    repo_id: str | None = None,
+    license: str | None = None,
+    template_path: str | Path | None = None,
+) -> ModelCard:
+    """The card of the model saved in ``run_dir``.
+
+    ``results_path`` defaults to ``run_dir/results.json`` when it exists (a fine-tuned run), else the card
+    describes a converted, not fine-tuned checkpoint. ``base_model`` (a Hub id) overrides the one found in
+    the results or the conversion record; ``repo_id`` goes into the "how to load" snippet.
+    """
+    run_dir = Path(run_dir)
+    config = _load_config(run_dir)
+    if results_path is None and (run_dir / RESULTS_FILE).is_file():
+        results_path = run_dir / RESULTS_FILE
+    results = load_results(results_path) if results_path is not None else None
+    conversion = _read_record(run_dir)
+    sinkhorn = config._attn_implementation == "sinkhorn"
+    settings = SinkhornSettings.from_config(config) if sinkhorn else None
+    if results is not None:
+        _check_results_match_config(results, config, settings)
+    kind = model_kind(config)
+    title = repo_id.split("/")[-1] if repo_id else run_dir.resolve().name
+    base_id, base_text = _base_model(base_model, results, conversion)
+    dataset_type, dataset_id, dataset_config, dataset_name = _dataset(results) if results else (None,) * 4
+    scores = _scores(results) if results else []
+    eval_results = [
+        EvalResult(
+            task_type=kind.pipeline_tag or "text-classification",
+            dataset_type=dataset_type,
+            dataset_name=dataset_name,
+            dataset_config=dataset_config,
+            dataset_split=split,
+            metric_type=_METRIC_IDS.get(metric, metric),
+            metric_name=_METRIC_NAMES.get(metric, metric),
+            metric_value=value,
+        )
+        for metric, split, value in scores
+    ]
+    card_data = ModelCardData(
+        base_model=base_id,
+        library_name="transformers",
+        license=license,
+        pipeline_tag=kind.pipeline_tag,
+        tags=SINKHORN_TAGS if sinkhorn else None,
+        datasets=[dataset_id] if dataset_id else None,
+        metrics=sorted({_METRIC_IDS.get(metric, metric) for metric, _, _ in scores}) or None,
+        model_name=title if eval_results else None,  # model-index names the model; nothing else uses it
+        eval_results=eval_results or None,
+    )
+    adjoint = results.get("adjoint") if results else None
+    adjoint_scheme = adjoint.get("scheme") if isinstance(adjoint, dict) else adjoint
+    from .. import __version__
+
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path or _default_template()),
+        title=title,
+        repo_id=repo_id or REPO_ID_PLACEHOLDER,
+        base_text=base_text,
+        base_is_hub=base_id is not None,
+        attention=config._attn_implementation or "default (sdpa/eager)",
+        settings=settings,
+        conversion=conversion,
+        results=results,
+        dataset_name=dataset_name,
+        local_data=_local_data(results) if results else None,
+        metric_rows=[(_METRIC_NAMES.get(metric, metric), split, f"{value:.4f}") for metric, split, value in scores],
+        adjoint=_describe(adjoint) if adjoint not in (None, False, "off") else None,
+        adjoint_changes_forward=adjoint_scheme in _FORWARD_CHANGING_SCHEMES,
+        adjoint_scheme=adjoint_scheme,
+        lora=_describe(results.get("lora")) if results and results.get("lora") else None,
+        kind=kind,
+        has_preprocessor=_has_preprocessor(run_dir, kind.is_text),
+        version=__version__,
+    )
+
+
+def write_card(run_dir: str | Path, results_path: str | Path | None = None, **kwargs: Any) -> Path:
+    """Render :func:`build_card` into ``run_dir/README.md`` (replacing any card there) and return its path."""
+    path = Path(run_dir) / CARD_FILE
+    build_card(run_dir, results_path, **kwargs).save(path)
+    return path
+
+
+def _default_template() -> Path:
+    if not TEMPLATE_PATH.is_file():
+        raise CardError(
+            f"card template {TEMPLATE_PATH} is missing: install sinkhorn-hf from its source tree "
+            "(pip install -e .) or pass a template path"
+        )
+    return TEMPLATE_PATH
+
+
+def _load_config(run_dir: Path) -> Any:
+    from transformers import AutoConfig
+
+    import sinkhorn_hf  # noqa: F401  (so a saved attn_implementation="sinkhorn" is a known name)
+
+    if not (run_dir / CONFIG_NAME).is_file():
+        raise CardError(f"{run_dir} has no {CONFIG_NAME}: save the model there with save_pretrained first")
+    return AutoConfig.from_pretrained(run_dir)
+
+
+def _read_record(directory: Path) -> dict[str, Any] | None:
+    path = directory / CONVERSION_RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _check_results_match_config(results: dict, config: Any, settings: SinkhornSettings | None) -> None:
+    """The card describes the saved model; results that disagree with it belong to another model."""
+    trained_with = results.get("attn_implementation")
+    if trained_with is not None and (trained_with == "sinkhorn") != (settings is not None):
+        raise CardError(
+            f"results.json says the run used attn_implementation={trained_with!r} but the saved config.json "
+            f"has {config._attn_implementation!r}: the results do not belong to this model"
+        )
+    iterations = results.get("sinkhorn_iterations")
+    if settings is not None and iterations is not None and iterations != settings.iterations:
+        raise CardError(
+            f"results.json says sinkhorn_iterations={iterations} but the saved config.json has "
+            f"{settings.iterations}: the results do not belong to this model"
+        )
+
+
+def _is_hub_id(name: str) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return not Path(name).expanduser().exists()
+
+
+def _base_model(explicit: str | None, results: dict | None, conversion: dict | None) -> tuple[str | None, str | None]:
+    """(Hub id for the metadata or None, what the card text names). Follows local converted checkpoints back
+    to what they were converted from."""
+    if explicit is not None:
+        if not _is_hub_id(explicit):
+            raise CardError(f"--base-model {explicit!r} is not a Hub model id (like 'google-bert/bert-base-uncased')")
+        return explicit, explicit
+    candidate = results["model_name_or_path"] if results else conversion["source"] if conversion else None
+    seen = set()
+    while candidate is not None and candidate not in seen and Path(candidate).expanduser().is_dir():
+        seen.add(candidate)
+        record = _read_record(Path(candidate).expanduser())
+        if record is None:
+            break
+        candidate = record["source"]
+    if candidate is None:
+        return None, None
+    if _is_hub_id(candidate):
+        return candidate, candidate
+    warnings.warn(
+        f"the base model is the local path {candidate}, which the Hub cannot link; pass its Hub id with "
+        "--base-model (base_model=...) to fill the card's base_model field",
+        stacklevel=3,
+    )
+    return None, candidate
+
+
+def _dataset(results: dict) -> tuple[str, str | None, str | None, str]:
+    """(model-index dataset type, Hub dataset id or None, its configuration, a readable name) of the run's data.
+
+    ``dataset`` is a Hub id, optionally with its configuration (``nyu-mll/glue/sst2``), or local file(s)."""
+    task, dataset = results.get("task_name"), results.get("dataset")
+    if task in _GLUE_TASKS:
+        hub_id = _DATASETS["glue"][0]
+        return hub_id, hub_id, task, f"GLUE {_GLUE_TASKS[task]}"
+    hub_name = dataset if isinstance(dataset, str) and _local_data(results) is None else None
+    for name in (hub_name, task):
+        if name is not None and name.lower() in _DATASETS:
+            hub_id, pretty = _DATASETS[name.lower()]
+            return hub_id, hub_id, None, pretty
+    if hub_name is not None:
+        parts = hub_name.split("/")
+        repo, config = ("/".join(parts[:2]), parts[2]) if len(parts) == 3 else (hub_name, None)
+        if _is_hub_id(repo):
+            return repo, repo, config, hub_name
+    name = task or "unknown"
+    return name, None, None, f"{name} (local files)"
+
+
+def _local_data(results: dict) -> str | None:
+    """The run's local data files, as the card shows them; None for Hub data."""
+    dataset = results.get("dataset")
+    files = [dataset] if isinstance(dataset, str) else dataset or []
+    local = [name for name in files if name.startswith(("/", ".", "~")) or Path(name).expanduser().exists()]
+    return ", ".join(local) or None
+
+
+def _scores(results: dict) -> list[tuple[str, str | None, float]]:
+    """(metric, evaluation split, value) for each metric of ``results``.
+
+    With several splits (MNLI matched/mismatched) the trainer names the first split's metrics plainly and
+    appends a suffix per further split (``accuracy``, ``accuracy_mm``); suffixes map to splits in order."""
+    metrics, splits = results["metrics"], results.get("eval_split")
+    splits = [splits] if splits is None or isinstance(splits, str) else splits
+    if len(splits) <= 1:
+        return [(metric, splits[0] if splits else None, value) for metric, value in metrics.items()]
+    parsed = []
+    for key, value in metrics.items():
+        base = next((b for b in metrics if key != b and key.startswith(b + "_")), key)
+        parsed.append((base, key[len(base) :], value))
+    suffixes = list(dict.fromkeys(suffix for _, suffix, _ in sorted(parsed, key=lambda item: item[1] != "")))
+    if len(suffixes) != len(splits):
+        raise CardError(
+            f"results.json has {len(splits)} evaluation splits ({', '.join(splits)}) but its metric names "
+            f"({', '.join(metrics)}) do not split into as many groups (a plain name per metric, then one suffix "
+            "per further split)"
+        )
+    return [(base, splits[suffixes.index(suffix)], value) for base, suffix, value in parsed]
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{key}={item}" for key, item in value.items())
+    return str(value)
+
+
+def _has_preprocessor(run_dir: Path, is_text: bool) -> bool:
+    names = ("tokenizer.json", "tokenizer_config.json") if is_text else ("preprocessor_config.json",)
+    return any((run_dir / name).is_file() for name in names)

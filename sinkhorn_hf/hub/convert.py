@@ -1,0 +1,243 @@
+"""Turn a pretrained checkpoint into a Sinkhorn one: new config.json, weights and tokenizer copied byte for byte.
+
+The converted directory loads with ``import sinkhorn_hf; AutoModel.from_pretrained(OUT)`` and runs Sinkhorn
+attention with the saved settings; with ``iterations=1`` it computes exactly what the original computes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..attention.settings import DEFAULT_ITERATIONS, SinkhornSettings
+from ..families import UnsupportedModelError, check_supported
+from .model_kind import model_kind
+
+CONVERSION_RECORD = "sinkhorn_conversion.json"
+CONFIG_NAME = "config.json"
+
+# transformers loads safetensors when present, so only the .bin files of a checkpoint without them are needed.
+_SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
+_TORCH_BIN = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+# Tokenizer and processor files of the families sinkhorn_hf supports (WordPiece, BPE, SentencePiece, images).
+_PREPROCESSOR_PATTERNS = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "*.model",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+
+
+class ConversionError(ValueError):
+    """The source cannot be converted (missing, not a transformers checkpoint, or the output is in the way)."""
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert` did. ``revision`` is the Hub commit for a Hub source, None for a local one."""
+
+    output_dir: Path
+    source: str
+    revision: str | None
+    settings: SinkhornSettings
+    copied: list[str] = field(default_factory=list)
+    not_copied: list[str] = field(default_factory=list)
+
+
+def convert(
+    source: str | Path,
+    output_dir: str | Path,
+    iterations: int = DEFAULT_ITERATIONS,
+    tolerance: float | None = None,
+    overwrite: bool = False,
+    command: str | None = None,
+) -> ConversionReport:
+    """Write a Sinkhorn copy of ``source`` (a local directory or a Hub model id) into ``output_dir``.
+
+    config.json gets ``"attn_implementation": "sinkhorn"``, ``sinkhorn_iterations`` and ``sinkhorn_tolerance``;
+    weights, tokenizer and processor files are copied unchanged; ``sinkhorn_conversion.json`` records the source
+    (and ``command``, the command line that asked for it). ``overwrite=True`` replaces a non-empty
+    ``output_dir``'s contents. Raises :class:`ConversionError` or
+    :class:`~sinkhorn_hf.UnsupportedModelError`.
+    """
+    try:
+        settings = SinkhornSettings(iterations=iterations, tolerance=tolerance)
+    except ValueError as error:
+        raise ConversionError(str(error)) from None
+    output_dir = Path(output_dir)
+    _check_output(output_dir, overwrite)
+    source_dir, revision = _resolve_source(str(source))
+    if output_dir.resolve() == source_dir.resolve() or source_dir.resolve().is_relative_to(output_dir.resolve()):
+        raise ConversionError(f"output directory {output_dir} would overwrite the source {source}")
+
+    config_dict, kind = _read_config(source_dir, str(source))
+    weights = _weight_files(source_dir, str(source))
+    preprocessors = sorted(
+        path.name
+        for path in source_dir.iterdir()
+        if path.is_file() and any(fnmatch.fnmatch(path.name, p) for p in _PREPROCESSOR_PATTERNS)
+    )
+    copied = [CONFIG_NAME, *weights, *preprocessors]
+    not_copied = sorted(p.name for p in source_dir.iterdir() if p.name not in copied and not p.name.startswith("."))
+
+    config_dict["attn_implementation"] = "sinkhorn"
+    config_dict.update({f"sinkhorn_{name}": value for name, value in asdict(settings).items()})
+    record = {
+        "source": str(source),
+        "revision": revision,
+        "sinkhorn_iterations": settings.iterations,
+        "sinkhorn_tolerance": settings.tolerance,
+        "command": command,
+        "copied": copied,
+    }
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Build next to the target and swap in at the end: a failed conversion leaves OUT as it was.
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; OUT should get the usual permissions
+        (staging / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2) + "\n")
+        _copy_files(source_dir, staging, [*weights, *preprocessors])
+        (staging / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        _verify(staging, settings, kind.auto_class)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        staging.rename(output_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return ConversionReport(output_dir, str(source), revision, settings, copied + [CONVERSION_RECORD], not_copied)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _check_output(output_dir: Path, overwrite: bool) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConversionError(f"output {output_dir} exists and is not a directory")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise ConversionError(
+            f"output directory {output_dir} exists and is not empty; pass --overwrite (overwrite=True) to replace "
+            "its contents, or choose another directory"
+        )
+
+
+def _resolve_source(source: str) -> tuple[Path, str | None]:
+    """A local checkpoint directory, or a Hub model id downloaded (config, weights, tokenizer only)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConversionError(f"source {source} is a file; give the checkpoint's directory")
+        return path, None
+    if source.startswith((".", "~")) or path.is_absolute():
+        raise ConversionError(f"source directory {source} does not exist")
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        raise ConversionError(f"source {source!r} is neither an existing directory nor a Hub model id") from None
+    return _download(source)
+
+
+def _download(repo_id: str) -> tuple[Path, str]:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    common = [CONFIG_NAME, *_PREPROCESSOR_PATTERNS]
+    try:
+        local = Path(snapshot_download(repo_id, allow_patterns=[*common, *_SAFETENSORS, "model-*.safetensors"]))
+        if not (local / _SAFETENSORS[0]).is_file() and not (local / _SAFETENSORS[1]).is_file():
+            local = Path(snapshot_download(repo_id, allow_patterns=[*common, *_TORCH_BIN, "pytorch_model-*.bin"]))
+    except RepositoryNotFoundError:
+        raise ConversionError(
+            f"model {repo_id!r} was not found on the Hugging Face Hub (or is private: log in with `hf auth login`)"
+        ) from None
+    except LocalEntryNotFoundError:
+        raise ConversionError(
+            f"model {repo_id!r} is not a local directory and could not be downloaded from the Hub "
+            "(no connection, or HF_HUB_OFFLINE=1, and it is not in the local cache)"
+        ) from None
+    except HfHubHTTPError as error:
+        raise ConversionError(f"could not download {repo_id!r} from the Hub: {error}") from None
+    # snapshot_download returns .../snapshots/<commit sha>.
+    return local, local.name
+
+
+def _read_config(source_dir: Path, source: str) -> tuple[dict, object]:
+    from transformers import AutoConfig
+
+    if not (source_dir / CONFIG_NAME).is_file():
+        raise ConversionError(f"{source} has no {CONFIG_NAME}: not a transformers checkpoint")
+    try:
+        config = AutoConfig.from_pretrained(source_dir)
+    except (OSError, ValueError, KeyError) as error:
+        raise ConversionError(f"{source}/{CONFIG_NAME} cannot be read by transformers: {error}") from None
+    if getattr(config, "sub_configs", None):
+        raise UnsupportedModelError(
+            f"{source} is a composite model (model_type={config.model_type!r}, parts: "
+            f"{', '.join(config.sub_configs)}); convert handles single-encoder checkpoints. Convert the vision "
+            f"tower alone, or load the composite model with attn_implementation="
+            '{"vision_config": "sinkhorn", "text_config": "sdpa"}.'
+        )
+    check_supported(config)
+    return json.loads((source_dir / CONFIG_NAME).read_text()), model_kind(config)
+
+
+def _weight_files(source_dir: Path, source: str) -> list[str]:
+    """The files transformers would load weights from, shards included."""
+    for single, index in (_SAFETENSORS, _TORCH_BIN):
+        if (source_dir / index).is_file():
+            shards = sorted(set(json.loads((source_dir / index).read_text())["weight_map"].values()))
+            missing = [shard for shard in shards if not (source_dir / shard).is_file()]
+            if missing:
+                raise ConversionError(f"{source}: {index} lists shards that are missing: {', '.join(missing)}")
+            return [index, *shards]
+        if (source_dir / single).is_file():
+            return [single]
+    raise ConversionError(
+        f"{source} has no PyTorch weights (looked for {', '.join(_SAFETENSORS + _TORCH_BIN)}); "
+        "TensorFlow/Flax-only checkpoints are not supported"
+    )
+
+
+def _copy_files(source_dir: Path, target_dir: Path, names: list[str]) -> None:
+    total = sum((source_dir / name).stat().st_size for name in names)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="copying weights and tokenizer", leave=False) as bar:
+        for name in names:
+            shutil.copyfile(source_dir / name, target_dir / name)
+            bar.update((source_dir / name).stat().st_size)
+
+
+def _verify(directory: Path, settings: SinkhornSettings, auto_class: str) -> None:
+    """Load the written config as users will, and build the model on the meta device (no memory, no weights)
+    so transformers' attention checks run now rather than at the user's first load."""
+    import torch
+    import transformers
+
+    import sinkhorn_hf  # noqa: F401  (registers "sinkhorn" and its load-time guards)
+
+    config = transformers.AutoConfig.from_pretrained(directory)
+    if config._attn_implementation != "sinkhorn" or SinkhornSettings.from_config(config) != settings:
+        raise ConversionError(f"the written {CONFIG_NAME} does not reload with the Sinkhorn settings {settings}")
+    model_class = getattr(transformers, auto_class)
+    with torch.device("meta"):
+        # Auto classes build from a config with from_config, concrete model classes with _from_config.
+        (getattr(model_class, "from_config", None) or model_class._from_config)(config)
