@@ -11,14 +11,15 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
 from ..attention.settings import DEFAULT_ITERATIONS, SinkhornSettings
 from ..families import UnsupportedModelError, check_supported
-from .model_kind import model_kind
+from .model_kind import ModelKind, model_kind
 
 CONVERSION_RECORD = "sinkhorn_conversion.json"
 CONFIG_NAME = "config.json"
@@ -74,7 +75,7 @@ def convert(
     :class:`~sinkhorn_hf.UnsupportedModelError`.
     """
     try:
-        settings = SinkhornSettings(iterations=iterations, tolerance=tolerance)
+        SinkhornSettings(iterations=iterations, tolerance=tolerance)
     except ValueError as error:
         raise ConversionError(str(error)) from None
     output_dir = Path(output_dir)
@@ -83,7 +84,9 @@ def convert(
     if output_dir.resolve() == source_dir.resolve() or source_dir.resolve().is_relative_to(output_dir.resolve()):
         raise ConversionError(f"output directory {output_dir} would overwrite the source {source}")
 
-    config_dict, kind = _read_config(source_dir, str(source))
+    config_dict, config, kind = _read_config(source_dir, str(source))
+    # Settings the source already has (re-converting a Sinkhorn checkpoint) are kept unless asked for here.
+    settings = replace(SinkhornSettings.from_config(config), iterations=iterations, tolerance=tolerance)
     weights = _weight_files(source_dir, str(source))
     preprocessors = sorted(
         path.name
@@ -181,7 +184,7 @@ def _download(repo_id: str) -> tuple[Path, str]:
     return local, local.name
 
 
-def _read_config(source_dir: Path, source: str) -> tuple[dict, object]:
+def _read_config(source_dir: Path, source: str) -> tuple[dict, Any, ModelKind]:
     from transformers import AutoConfig
 
     if not (source_dir / CONFIG_NAME).is_file():
@@ -198,7 +201,7 @@ def _read_config(source_dir: Path, source: str) -> tuple[dict, object]:
             '{"vision_config": "sinkhorn", "text_config": "sdpa"}.'
         )
     check_supported(config)
-    return json.loads((source_dir / CONFIG_NAME).read_text()), model_kind(config)
+    return json.loads((source_dir / CONFIG_NAME).read_text()), config, model_kind(config)
 
 
 def _weight_files(source_dir: Path, source: str) -> list[str]:
@@ -238,6 +241,9 @@ def _verify(directory: Path, settings: SinkhornSettings, auto_class: str) -> Non
     if config._attn_implementation != "sinkhorn" or SinkhornSettings.from_config(config) != settings:
         raise ConversionError(f"the written {CONFIG_NAME} does not reload with the Sinkhorn settings {settings}")
     model_class = getattr(transformers, auto_class)
-    with torch.device("meta"):
-        # Auto classes build from a config with from_config, concrete model classes with _from_config.
-        (getattr(model_class, "from_config", None) or model_class._from_config)(config)
+    try:
+        with torch.device("meta"):
+            # Auto classes build from a config with from_config, concrete model classes with _from_config.
+            (getattr(model_class, "from_config", None) or model_class._from_config)(config)
+    except ValueError as error:  # the load-time guards: decoder configs, attention outside the interface
+        raise ConversionError(f"the converted model would not load with Sinkhorn attention: {error}") from None
