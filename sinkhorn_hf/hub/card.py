@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -146,9 +147,11 @@ def build_card(
     base_id, base_text = _base_model(base_model, results, conversion)
     dataset_type, dataset_id, dataset_config, dataset_name = _dataset(results) if results else (None,) * 4
     scores = _scores(results) if results else []
+    task_type = kind.pipeline_tag or "text-classification"
     eval_results = [
         EvalResult(
-            task_type=kind.pipeline_tag or "text-classification",
+            task_type=task_type,
+            task_name=task_type.replace("-", " ").capitalize(),
             dataset_type=dataset_type,
             dataset_name=dataset_name,
             dataset_config=dataset_config,
@@ -181,8 +184,10 @@ def build_card(
         repo_id=repo_id or REPO_ID_PLACEHOLDER,
         base_text=base_text,
         base_is_hub=base_id is not None,
-        attention=config._attn_implementation or "default (sdpa/eager)",
+        # transformers does not save SoftMax choices (sdpa/eager) in config.json; the run's record has them.
+        attention=config._attn_implementation or (results or {}).get("attn_implementation") or "default (sdpa)",
         settings=settings,
+        settings_rows=[(f"sinkhorn_{name}", value) for name, value in asdict(settings).items()] if settings else [],
         conversion=conversion,
         results=results,
         dataset_name=dataset_name,
