@@ -3,6 +3,7 @@
 ``import sinkhorn_hf`` registers ``attn_implementation="sinkhorn"``.
 """
 
+from .adjoint import disable_adjoint, enable_adjoint, probe_adjoint
 from .attention import (
     ATTN_IMPLEMENTATION,
     CausalSinkhornError,
@@ -24,7 +25,10 @@ __all__ = [
     "CausalSinkhornError",
     "SinkhornSettings",
     "UnsupportedModelError",
+    "disable_adjoint",
+    "enable_adjoint",
     "log_sinkhorn",
+    "probe_adjoint",
     "sinkhorn",
     "sinkhorn_attention_forward",
 ]

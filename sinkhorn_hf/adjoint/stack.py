@@ -1,0 +1,103 @@
+"""The reversible-stack autograd Function.
+
+Each layer call of a stack is one ``AdjointLayer.apply``. Its forward runs the layer without building a graph
+and keeps only a small :class:`~.steps.LayerRecord` (LayerNorm statistics, RNG states); a layer marked as an
+anchor also keeps its input. The stack's latest output is kept on a per-pass :class:`Tape`. Backward runs top
+down: layer n takes its output from the tape (the stack output for the top layer, else the input rebuilt by
+layer n+1), rebuilds its own input by the reverse step (or takes its stored input), puts that on the tape for
+layer n−1, recomputes its forward with a graph at that point and returns the vector-Jacobian products for its
+input and its trainable parameters. Parameters are inputs of the Function, so gradients reach them through
+autograd's usual accumulation: frozen parameters get none, shared (tied) parameters get the sum over layers,
+and DDP's hooks fire as in plain backprop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .steps import LayerStep, State, new_record
+
+Tensor = torch.Tensor
+
+
+class Tape:
+    """Per forward pass: the stack's top output, then during backward each input rebuilt for the layer below."""
+
+    def __init__(self) -> None:
+        self.top_position = -1
+        self.top: State | None = None
+        self.rebuilt: dict[int, State] = {}
+
+    def put_output(self, position: int, state: State) -> None:
+        # Detached aliases: holding the graph-carrying outputs here would form a reference cycle.
+        self.top_position, self.top = position, tuple(s.detach() for s in state)
+
+    def output_of(self, position: int) -> State:
+        if position == self.top_position:
+            return self.top
+        if position in self.rebuilt:
+            return self.rebuilt.pop(position)
+        raise RuntimeError(
+            f"adjoint: the output of layer {position} is not available to rebuild its input. The reverse pass "
+            "starts from the stack's last output, so the loss must depend on it (a loss on an intermediate "
+            "hidden state alone cannot be reversed): use scheme='checkpoint' for such a model."
+        )
+
+    def put_input(self, position: int, state: State) -> None:
+        if position > 0:
+            self.rebuilt[position - 1] = tuple(s.detach() for s in state)
+
+    def discard_output(self, position: int) -> None:
+        self.rebuilt.pop(position, None)
+
+
+@dataclass
+class LayerCall:
+    """Everything the Function needs about one layer call besides tensors."""
+
+    step: LayerStep
+    tape: Tape
+    position: int
+    store_input: bool  # an anchor (or scheme="checkpoint"): keep the exact input instead of rebuilding it
+    training: bool
+
+
+class AdjointLayer(torch.autograd.Function):
+    """``apply(call, n_state, *state, *params) -> state'``: one layer, reversible in backward."""
+
+    @staticmethod
+    def forward(ctx, call: LayerCall, n_state: int, *tensors: Tensor) -> State:
+        state = tensors[:n_state]
+        record = new_record(state[0], call.training, reversible=call.step.rule != "momentum")
+        out = call.step.run(state, record)
+        # Parameters are leaves: holding them here keeps nothing alive that the model does not.
+        ctx.call, ctx.record, ctx.n_state, ctx.params = call, record, n_state, tensors[n_state:]
+        device_type = state[0].device.type
+        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        if call.store_input:
+            ctx.save_for_backward(*state)
+        call.tape.put_output(call.position, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, *grad_out: Tensor):
+        call, record, n_state = ctx.call, ctx.record, ctx.n_state
+        needs = ctx.needs_input_grad[2:]
+        device_type, autocast_on, autocast_dtype = ctx.autocast
+        with record.forked_rng(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
+            if call.store_input:
+                state = ctx.saved_tensors
+                call.tape.discard_output(call.position)
+            else:
+                with torch.no_grad():
+                    state = call.step.reverse(call.tape.output_of(call.position), record)
+            call.tape.put_input(call.position, state)
+            with torch.enable_grad():
+                state = tuple(s.detach().requires_grad_(n) for s, n in zip(state, needs[:n_state], strict=True))
+                out = call.step.run(state, record.replaying())
+                inputs = (*state, *ctx.params)
+                wanted = [t for t, n in zip(inputs, needs, strict=True) if n]
+                grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
+        return (None, None, *(next(grads) if n else None for n in needs))
