@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -92,3 +95,18 @@ def write_results(run_dir: Path, results: dict) -> Path:
     path = run_dir / "results.json"
     path.write_text(json.dumps(results, indent=2))
     return path
+
+
+def python_snippet(card_text: str) -> str:
+    """The one ```python block of a card."""
+    blocks = re.findall(r"```python\n(.*?)```", card_text, flags=re.S)
+    assert len(blocks) == 1
+    return blocks[0]
+
+
+def run_snippet(code: str) -> str:
+    """Run a card's snippet as a user would paste it; return what it printed."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, "<card snippet>", "exec"), {})
+    return printed.getvalue()

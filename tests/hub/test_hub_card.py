@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from hub_helpers import trainer_results, write_results
+from hub_helpers import python_snippet, run_snippet, trainer_results, write_results
 from huggingface_hub import ModelCard, ModelCardData, metadata_eval_result
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
@@ -35,19 +32,6 @@ def saved_run(tiny_bert, tmp_path_factory) -> Path:
 @pytest.fixture
 def run_dir(saved_run, tmp_path) -> Path:
     return Path(shutil.copytree(saved_run, tmp_path / "sst2-run"))
-
-
-def python_snippet(card_text: str) -> str:
-    blocks = re.findall(r"```python\n(.*?)```", card_text, flags=re.S)
-    assert len(blocks) == 1
-    return blocks[0]
-
-
-def run_snippet(code: str) -> str:
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        exec(compile(code, "<card snippet>", "exec"), {})
-    return printed.getvalue()
 
 
 def test_card_metadata_is_what_huggingface_hub_parses(run_dir):

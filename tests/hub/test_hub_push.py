@@ -60,7 +60,9 @@ def files_upload_folder_would_send(run_dir: Path, ignore_patterns: list[str]) ->
     """The reference: huggingface_hub's own selection inside upload_folder (its Hub YAML check stubbed)."""
     with mock.patch.object(HfApi, "_validate_yaml"):
         additions = HfApi()._prepare_upload_folder_additions(
-            run_dir, "", ignore_patterns=ignore_patterns + DEFAULT_IGNORE_PATTERNS  # as upload_folder adds them
+            run_dir,
+            "",
+            ignore_patterns=ignore_patterns + DEFAULT_IGNORE_PATTERNS,  # as upload_folder adds them
         )
     return sorted(op.path_in_repo for op in additions)
 
