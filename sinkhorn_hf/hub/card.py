@@ -16,6 +16,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..adjoint.controller import SCALE_ATTRIBUTE
 from ..attention.settings import SinkhornSettings
 from .convert import CONFIG_NAME, CONVERSION_RECORD
 from .model_kind import model_kind
@@ -175,6 +176,12 @@ def build_card(
     )
     adjoint = results.get("adjoint") if results else None
     adjoint_scheme = adjoint.get("scheme") if isinstance(adjoint, dict) else adjoint
+    residual_scale = getattr(config, SCALE_ATTRIBUTE, None)
+    if residual_scale in (None, 1, 1.0):
+        residual_scale = None
+    # What a user must switch on after loading to get the trained function (enable_adjoint applies both the
+    # forward-changing schemes and a stored residual scale; transformers knows neither).
+    load_scheme = adjoint_scheme if adjoint_scheme in _FORWARD_CHANGING_SCHEMES else "off" if residual_scale else None
     from .. import __version__
 
     return ModelCard.from_template(
@@ -194,8 +201,8 @@ def build_card(
         local_data=_local_data(results) if results else None,
         metric_rows=[(_METRIC_NAMES.get(metric, metric), split, f"{value:.4f}") for metric, split, value in scores],
         adjoint=_describe(adjoint) if adjoint not in (None, False, "off") else None,
-        adjoint_changes_forward=adjoint_scheme in _FORWARD_CHANGING_SCHEMES,
-        adjoint_scheme=adjoint_scheme,
+        residual_scale=residual_scale,
+        load_scheme=load_scheme,
         lora=_describe(results.get("lora")) if results and results.get("lora") else None,
         kind=kind,
         has_preprocessor=_has_preprocessor(run_dir, kind.is_text),

@@ -104,9 +104,10 @@ def python_snippet(card_text: str) -> str:
     return blocks[0]
 
 
-def run_snippet(code: str) -> str:
-    """Run a card's snippet as a user would paste it; return what it printed."""
+def run_snippet(code: str, namespace: dict | None = None) -> str:
+    """Run a card's snippet as a user would paste it (its variables land in ``namespace``); return what it
+    printed."""
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        exec(compile(code, "<card snippet>", "exec"), {})
+        exec(compile(code, "<card snippet>", "exec"), {} if namespace is None else namespace)
     return printed.getvalue()

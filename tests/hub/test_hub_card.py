@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from hub_helpers import python_snippet, run_snippet, trainer_results, write_results
+from hub_helpers import python_snippet, run_snippet, text_batch, trainer_results, write_results
 from huggingface_hub import ModelCard, ModelCardData, metadata_eval_result
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
@@ -93,6 +93,33 @@ def test_loading_snippet_runs_and_gets_sinkhorn(run_dir):
     text = build_card(run_dir, repo_id="someone/tiny-sinkhorn").content
     assert REPO_ID_PLACEHOLDER not in text and 'from_pretrained("someone/tiny-sinkhorn")' in text
     assert text.splitlines()[text.splitlines().index("---", 1) + 2] == "# tiny-sinkhorn"
+
+
+def test_snippet_reapplies_a_stored_residual_scale(run_dir):
+    """A residual scale lives in config.json but only enable_adjoint applies it: the snippet must call it."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    import sinkhorn_hf
+
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "adjoint_residual_scale": 0.5}))
+    write_results(run_dir, trainer_results())
+    text = write_card(run_dir).read_text()
+    assert "| `adjoint_residual_scale` | 0.5" in text
+    code = python_snippet(text)
+    assert 'sinkhorn_hf.enable_adjoint(model, scheme="off")' in code
+    namespace: dict = {}
+    run_snippet(code.replace(REPO_ID_PLACEHOLDER, str(run_dir)), namespace)
+
+    inputs = text_batch(run_dir)
+    reference = AutoModelForSequenceClassification.from_pretrained(run_dir).eval()
+    with torch.no_grad():
+        plain = reference(**inputs).logits
+        sinkhorn_hf.enable_adjoint(reference, scheme="off")
+        scaled = reference(**inputs).logits
+        assert torch.equal(namespace["model"].eval()(**inputs).logits, scaled)
+    assert (scaled - plain).abs().max() > 1e-3
 
 
 def test_converted_model_card_without_results(tiny_bert, tmp_path):
