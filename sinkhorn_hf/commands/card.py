@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 from pathlib import Path
 
 
@@ -32,15 +34,19 @@ def run(args: argparse.Namespace) -> int:
     if not args.run_dir.is_dir():
         raise SystemExit(f"sinkhorn-hf card: error: run directory {args.run_dir} does not exist")
     try:
-        path = write_card(
-            args.run_dir,
-            args.results,
-            base_model=args.base_model,
-            repo_id=args.repo_id,
-            license=args.license,
-            template_path=args.template,
-        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            path = write_card(
+                args.run_dir,
+                args.results,
+                base_model=args.base_model,
+                repo_id=args.repo_id,
+                license=args.license,
+                template_path=args.template,
+            )
     except CardError as error:
         raise SystemExit(f"sinkhorn-hf card: error: {error}") from None
+    for warning in caught:
+        print(f"sinkhorn-hf card: warning: {warning.message}", file=sys.stderr)
     print(f"wrote {path}")
     return 0
