@@ -232,6 +232,11 @@ def _load_config(run_dir: Path) -> Any:
     import sinkhorn_hf  # noqa: F401  (so a saved attn_implementation="sinkhorn" is a known name)
 
     if not (run_dir / CONFIG_NAME).is_file():
+        if (run_dir / "adapter_config.json").is_file():
+            raise CardError(
+                f"{run_dir} holds a PEFT (LoRA) adapter without its model: merge it into its base model and save "
+                "that there (model.merge_and_unload().save_pretrained(...)) so the card describes what loads"
+            )
         raise CardError(f"{run_dir} has no {CONFIG_NAME}: save the model there with save_pretrained first")
     return AutoConfig.from_pretrained(run_dir)
 

@@ -213,6 +213,9 @@ def test_softmax_baseline_gets_no_sinkhorn_tags(tiny_bert, tmp_path):
 def test_run_without_a_model_is_refused(tmp_path):
     with pytest.raises(CardError, match="no config.json: save the model there"):
         build_card(tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(CardError, match="LoRA.*adapter without its model: merge.*merge_and_unload"):
+        build_card(tmp_path)
 
 
 def test_cli_writes_card_and_reports_errors(run_dir, tmp_path, capsys):
