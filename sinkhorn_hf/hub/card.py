@@ -16,6 +16,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .. import __version__
 from ..adjoint.controller import SCALE_ATTRIBUTE
 from ..attention.settings import SinkhornSettings
 from .convert import CONFIG_NAME, CONVERSION_RECORD
@@ -174,16 +175,6 @@ def build_card(
         model_name=title if eval_results else None,  # model-index names the model; nothing else uses it
         eval_results=eval_results or None,
     )
-    adjoint = results.get("adjoint") if results else None
-    adjoint_scheme = adjoint.get("scheme") if isinstance(adjoint, dict) else adjoint
-    residual_scale = getattr(config, SCALE_ATTRIBUTE, None)
-    if residual_scale in (None, 1, 1.0):
-        residual_scale = None
-    # What a user must switch on after loading to get the trained function (enable_adjoint applies both the
-    # forward-changing schemes and a stored residual scale; transformers knows neither).
-    load_scheme = adjoint_scheme if adjoint_scheme in _FORWARD_CHANGING_SCHEMES else "off" if residual_scale else None
-    from .. import __version__
-
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path or _default_template()),
@@ -200,14 +191,28 @@ def build_card(
         dataset_name=dataset_name,
         local_data=_local_data(results) if results else None,
         metric_rows=[(_METRIC_NAMES.get(metric, metric), split, f"{value:.4f}") for metric, split, value in scores],
-        adjoint=_describe(adjoint) if adjoint not in (None, False, "off") else None,
-        residual_scale=residual_scale,
-        load_scheme=load_scheme,
         lora=_describe(results.get("lora")) if results and results.get("lora") else None,
         kind=kind,
         has_preprocessor=_has_preprocessor(run_dir, kind.is_text),
         version=__version__,
+        **_adjoint_context(results, config),
     )
+
+
+def _adjoint_context(results: dict | None, config: Any) -> dict[str, Any]:
+    """How the card shows the adjoint, and what the loading snippet must switch on to get the trained function
+    (``enable_adjoint`` applies forward-changing schemes and a stored residual scale; transformers knows
+    neither)."""
+    adjoint = results.get("adjoint") if results else None
+    scheme = adjoint.get("scheme") if isinstance(adjoint, dict) else adjoint
+    residual_scale = getattr(config, SCALE_ATTRIBUTE, None)
+    if residual_scale in (None, 1, 1.0):
+        residual_scale = None
+    return {
+        "adjoint": _describe(adjoint) if adjoint not in (None, False, "off") else None,
+        "residual_scale": residual_scale,
+        "load_scheme": scheme if scheme in _FORWARD_CHANGING_SCHEMES else "off" if residual_scale else None,
+    }
 
 
 def write_card(run_dir: str | Path, results_path: str | Path | None = None, **kwargs: Any) -> Path:
@@ -220,16 +225,14 @@ def write_card(run_dir: str | Path, results_path: str | Path | None = None, **kw
 def _default_template() -> Path:
     if not TEMPLATE_PATH.is_file():
         raise CardError(
-            f"card template {TEMPLATE_PATH} is missing: install sinkhorn-hf from its source tree "
-            "(pip install -e .) or pass a template path"
+            f"card template {TEMPLATE_PATH} is missing (it ships with sinkhorn-hf): reinstall the package, "
+            "or pass a template with --template (template_path=...)"
         )
     return TEMPLATE_PATH
 
 
 def _load_config(run_dir: Path) -> Any:
     from transformers import AutoConfig
-
-    import sinkhorn_hf  # noqa: F401  (so a saved attn_implementation="sinkhorn" is a known name)
 
     if not (run_dir / CONFIG_NAME).is_file():
         if (run_dir / "adapter_config.json").is_file():

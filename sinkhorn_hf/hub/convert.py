@@ -235,8 +235,6 @@ def _verify(directory: Path, settings: SinkhornSettings, auto_class: str) -> Non
     import torch
     import transformers
 
-    import sinkhorn_hf  # noqa: F401  (registers "sinkhorn" and its load-time guards)
-
     config = transformers.AutoConfig.from_pretrained(directory)
     if config._attn_implementation != "sinkhorn" or SinkhornSettings.from_config(config) != settings:
         raise ConversionError(f"the written {CONFIG_NAME} does not reload with the Sinkhorn settings {settings}")
