@@ -99,10 +99,10 @@ def convert(
     config_dict["attn_implementation"] = "sinkhorn"
     config_dict.update({f"sinkhorn_{name}": value for name, value in asdict(settings).items()})
     record = {
-        "source": str(source),
+        # A Hub id, or the absolute local path so the record still points there from another directory.
+        "source": str(source) if revision else str(source_dir.resolve()),
         "revision": revision,
-        "sinkhorn_iterations": settings.iterations,
-        "sinkhorn_tolerance": settings.tolerance,
+        **{f"sinkhorn_{name}": value for name, value in asdict(settings).items()},
         "command": command,
         "copied": copied,
     }

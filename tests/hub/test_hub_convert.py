@@ -54,7 +54,14 @@ def test_k1_conversion_computes_what_the_original_computes(tiny_bert, tmp_path):
         "sinkhorn_conversion.json",
     ]
     record = json.loads((out / "sinkhorn_conversion.json").read_text())
-    assert record["source"] == str(tiny_bert) and record["sinkhorn_iterations"] == 1
+    assert record["source"] == str(tiny_bert.resolve()) and record["sinkhorn_iterations"] == 1
+
+
+def test_relative_source_is_recorded_as_absolute(tiny_bert, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_bert.parent)
+    convert(tiny_bert.name, tmp_path / "out", iterations=1)
+    record = json.loads((tmp_path / "out" / "sinkhorn_conversion.json").read_text())
+    assert record["source"] == str(tiny_bert.resolve()) and record["revision"] is None
 
 
 def test_more_iterations_change_the_outputs(tiny_bert, tmp_path):
