@@ -328,9 +328,11 @@ def _dataset(results: dict) -> tuple[str, str | None, str | None, str]:
 def _local_data(results: dict) -> str | None:
     """The run's local data files, as the card shows them; None for Hub data."""
     dataset = results.get("dataset")
-    files = [dataset] if isinstance(dataset, str) else dataset or []
-    local = [name for name in files if name.startswith(("/", ".", "~")) or Path(name).expanduser().exists()]
-    return ", ".join(local) or None
+    if isinstance(dataset, list):  # the trainer lists files; a Hub dataset is one name
+        return ", ".join(dataset) or None
+    if dataset is not None and (dataset.startswith(("/", ".", "~")) or Path(dataset).expanduser().exists()):
+        return dataset
+    return None
 
 
 def _scores(results: dict) -> list[tuple[str, str | None, float]]:

@@ -75,7 +75,7 @@ def test_card_body_has_settings_command_results_and_citations(run_dir):
     assert f"```bash\n{trainer_results()['command']}\n```" in text
     assert "| Accuracy | validation | 0.8761 |" in text
     assert "read from `/data/glue/SST-2/train.tsv, /data/glue/SST-2/dev.tsv`" in text
-    assert "| training samples | 8000 |" in text and "| peak memory | 2100 MB |" in text
+    assert "| training samples | 8000 |" in text and "| peak memory | 2100 MB (host_max_rss) |" in text
     assert "r=8, alpha=16, target_modules=['query']" in text
     assert 'sinkhorn_hf.enable_adjoint(model, scheme="heun")' in text  # heun changes the forward
     assert "Sinkformers: Transformers with Doubly Stochastic Attention" in text and "AISTATS" in text
