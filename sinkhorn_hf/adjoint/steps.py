@@ -80,18 +80,22 @@ class LayerRecord:
         return LayerRecord(self.device, self.rng, self.stats, replay=True)
 
 
+def _wide(t: Tensor) -> Tensor:
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def _norm_stats(z: Tensor, norm: torch.nn.LayerNorm) -> tuple[Tensor, Tensor]:
-    var, mean = torch.var_mean(z.float(), dim=-1, unbiased=False, keepdim=True)
+    var, mean = torch.var_mean(_wide(z), dim=-1, unbiased=False, keepdim=True)
     return mean, torch.sqrt(var + norm.eps)
 
 
 def _unnorm(y: Tensor, stats: tuple[Tensor, Tensor], norm: torch.nn.LayerNorm) -> Tensor:
     mean, std = stats
-    z = y.float()
+    z = _wide(y)
     if norm.bias is not None:
-        z = z - norm.bias.float()
+        z = z - norm.bias.to(z.dtype)
     if norm.weight is not None:
-        z = z / norm.weight.float()
+        z = z / norm.weight.to(z.dtype)
     return (z * std + mean).to(y.dtype)
 
 

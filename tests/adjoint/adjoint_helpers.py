@@ -109,3 +109,32 @@ def rel_error(grads, exact) -> float:
     num = sum(float((grads[n] - g).double().norm() ** 2) for n, g in exact.items() if g is not None)
     den = sum(float(g.double().norm() ** 2) for g in exact.values() if g is not None)
     return (num / den) ** 0.5
+
+
+def ddp_worker(rank: int, world: int, port: int, scheme: str, out_path: str) -> None:
+    """One rank of a CPU DDP run through accelerate: each rank trains on its own row of the batch."""
+    import os
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    from sinkhorn_hf.adjoint import enable_adjoint
+
+    # The loss leaves the pooler unused: DDP must be told, or it never launches its all-reduce.
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    model, inputs = tiny_model("bert", dropout=0.0)
+    enable_adjoint(model, scheme)
+    model = accelerator.prepare(model)
+    assert isinstance(model, torch.nn.parallel.DistributedDataParallel), type(model)
+    row = {k: v[rank : rank + 1] for k, v in inputs.items()}
+    accelerator.backward(scalar_loss(model(**row)))
+    if rank == 0:
+        torch.save({n: p.grad for n, p in model.module.named_parameters() if p.grad is not None}, out_path)
+    accelerator.wait_for_everyone()

@@ -1,0 +1,121 @@
+"""The public entry points: clear errors on bad input, residual scaling, save/reload, heun's forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from adjoint_helpers import tiny_config, tiny_model
+
+import sinkhorn_hf
+from sinkhorn_hf import UnsupportedModelError, disable_adjoint, enable_adjoint, probe_adjoint
+from sinkhorn_hf.adjoint import adjoint_stacks
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"scheme": "rk4"}, "unknown adjoint scheme 'rk4'.*auto, euler, heun, checkpoint, momentum, off"),
+        ({"tolerance": 0.0}, "tolerance must be a positive number"),
+        ({"tolerance": "high"}, "tolerance must be a positive number"),
+        ({"probe_every": 0}, "probe_every must be None or an integer"),
+        ({"momentum": 0.0}, r"momentum must lie in \(0, 1\)"),
+        ({"residual_scale": -1.0}, "residual_scale must be a positive number or '1/L'"),
+        ({"residual_scale": "1/N"}, "residual_scale must be a positive number or '1/L'"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    model, _ = tiny_model("bert")
+    with pytest.raises(ValueError, match=match):
+        enable_adjoint(model, **kwargs)
+    assert adjoint_stacks(model) == []
+
+
+def test_unsupported_family_is_named():
+    config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50)
+    model = transformers.GPT2Model(config)
+    with pytest.raises(UnsupportedModelError, match=r"model_type='gpt2'.*Supported model types: bert"):
+        enable_adjoint(model, "euler")
+
+
+def test_decoder_and_gradient_checkpointing_are_refused():
+    decoder = transformers.BertModel(tiny_config("bert", is_decoder=True))
+    with pytest.raises(UnsupportedModelError, match="bidirectional encoders only"):
+        enable_adjoint(decoder, "euler")
+    model, _ = tiny_model("bert")
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient_checkpointing_disable"):
+        enable_adjoint(model, "euler")
+
+
+def test_layer_arguments_that_need_gradients_are_refused():
+    model, _ = tiny_model("bert")
+    enable_adjoint(model, "euler")
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    bias = torch.zeros(2, 1, 5, 5, requires_grad=True)
+    model.encoder.layer[0](x)  # a layer called on its own runs with plain autograd
+    with pytest.raises(ValueError, match="'attention_mask' requires grad"):
+        model.encoder(x, attention_mask=bias)
+
+
+def _scale_output_projections(model, s: float) -> None:
+    """The reference for residual scaling: b's last linear map (weight and bias) times s gives s·b exactly."""
+    with torch.no_grad():
+        for layer in model.encoder.layer:
+            for linear in (layer.attention.output.dense, layer.output.dense):
+                linear.weight.mul_(s)
+                linear.bias.mul_(s)
+
+
+def test_residual_scale_multiplies_every_branch(tmp_path):
+    model, inputs = tiny_model("bert", layers=4, dropout=0.0)
+    model.eval()
+    reference, _ = tiny_model("bert", layers=4, dropout=0.0)
+    reference.eval()
+    _scale_output_projections(reference, 0.25)
+    enable_adjoint(model, "euler", residual_scale="1/L")
+    assert model.config.adjoint_residual_scale == "1/L"
+    expected = reference(**inputs).last_hidden_state
+    torch.testing.assert_close(model(**inputs).last_hidden_state, expected)
+    # The scale is part of the function: it survives disable_adjoint and save/reload (+ enable_adjoint).
+    disable_adjoint(model)
+    torch.testing.assert_close(model(**inputs).last_hidden_state, expected)
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.BertModel.from_pretrained(tmp_path).eval()
+    enable_adjoint(reloaded, "checkpoint")
+    torch.testing.assert_close(reloaded(**inputs).last_hidden_state, expected)
+
+
+def test_heun_changes_the_forward_as_documented():
+    # Heun: z = x + ½[f(x) + f(x + f(x))] per residual branch f, computed here directly on a pre-LN ViT layer.
+    model, inputs = tiny_model("vit", layers=1, dropout=0.0)
+    model.eval()
+    layer = model.layers[0]
+    x = model.embeddings(inputs["pixel_values"])
+
+    def heun(x, branch):
+        k1 = branch(x)
+        return x + 0.5 * (k1 + branch(x + k1))
+
+    h = heun(x, lambda t: layer.attention(layer.layernorm_before(t))[0])
+    expected = model.layernorm(heun(h, lambda t: layer.mlp(layer.layernorm_after(t))))
+    enable_adjoint(model, "heun")
+    torch.testing.assert_close(model(**inputs).last_hidden_state, expected)
+
+
+def test_probe_leaves_grads_and_rng_alone():
+    model, inputs = tiny_model("bert", dropout=0.2)
+    state = torch.get_rng_state()
+    report = probe_adjoint(model, inputs)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(p.grad is None for p in model.parameters())
+    assert adjoint_stacks(model) == []  # probed under euler temporarily
+    assert report.scheme == "euler" and len(report.step_errors) == 3
+    assert report.grad_cosine > 0.999
+    stored = probe_adjoint(model, inputs, scheme="checkpoint")
+    assert stored.grad_rel_error < 1e-6
+
+
+def test_public_api_is_exported():
+    assert sinkhorn_hf.enable_adjoint is enable_adjoint
+    assert {"enable_adjoint", "disable_adjoint", "probe_adjoint"} <= set(sinkhorn_hf.__all__)
