@@ -1,0 +1,16 @@
+"""Fine-tune (or train from a config) a ViT-family image classifier on a Hub dataset, an image folder or
+an .npz of uint8 arrays.
+
+    python scripts/run_image_classification.py --model_type vit \
+        --config_overrides "image_size=28,patch_size=4,hidden_size=128,num_hidden_layers=6" \
+        --train_file ../shared/data/mnist/mnist.npz --attn_implementation sinkhorn --output_dir out/mnist
+"""
+
+from transformers import HfArgumentParser
+
+from sinkhorn_hf.training.arguments import ModelArguments, TrainerArguments
+from sinkhorn_hf.training.images import ImageDataArguments, run_image_classification
+
+if __name__ == "__main__":
+    parser = HfArgumentParser((ModelArguments, ImageDataArguments, TrainerArguments))
+    run_image_classification(*parser.parse_args_into_dataclasses())

@@ -1,0 +1,152 @@
+"""Command-line arguments shared by the fine-tuning scripts, as dataclasses for ``transformers.HfArgumentParser``.
+
+Flag names follow the Hugging Face example scripts where one exists (``--model_name_or_path``,
+``--per_device_train_batch_size``, ``--checkpointing_steps``, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+AttnImplementation = Literal["eager", "sdpa", "sinkhorn"]
+AdjointScheme = Literal["off", "auto", "euler", "heun", "checkpoint", "momentum"]
+
+
+@dataclass
+class ModelArguments:
+    """Which model to fine-tune, its attention, adjoint scheme and LoRA adapters."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "local path or Hub name of a pretrained checkpoint"}
+    )
+    model_type: str | None = field(
+        default=None,
+        metadata={"help": "build a randomly initialised model of this type (e.g. vit) instead of loading weights"},
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": 'config attributes to override, e.g. "hidden_size=192,num_hidden_layers=6,patch_size=4"'},
+    )
+    config_name: str | None = field(default=None, metadata={"help": "config to use instead of the model's own"})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "tokenizer path or name (text models)"})
+    image_processor_name: str | None = field(
+        default=None, metadata={"help": "image processor path or name (image models)"}
+    )
+    attn_implementation: AttnImplementation = field(
+        default="sdpa", metadata={"help": "attention: eager or sdpa (SoftMax), or sinkhorn (doubly stochastic)"}
+    )
+    sinkhorn_iterations: int = field(
+        default=3, metadata={"help": "Sinkhorn normalisation steps K (1 = SoftMax); used with sinkhorn attention"}
+    )
+    adjoint: AdjointScheme = field(
+        default="off", metadata={"help": "adjoint (memory-free) residual stack scheme; off keeps plain backprop"}
+    )
+    lora_r: int | None = field(default=None, metadata={"help": "LoRA rank; unset trains all weights"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling alpha"})
+    lora_dropout: float = field(default=0.1, metadata={"help": "dropout on the LoRA branch"})
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={
+            "help": "comma-separated module names for LoRA (default per family: BERT query,value; ViT q_proj,v_proj)"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if (self.model_name_or_path is None) == (self.model_type is None):
+            raise ValueError(
+                "give exactly one of --model_name_or_path (load pretrained weights) or --model_type "
+                "(build a random model from a config), got "
+                f"model_name_or_path={self.model_name_or_path!r}, model_type={self.model_type!r}"
+            )
+        if self.sinkhorn_iterations < 1:
+            raise ValueError(f"--sinkhorn_iterations must be >= 1, got {self.sinkhorn_iterations}")
+        if self.lora_r is not None and self.lora_r < 1:
+            raise ValueError(f"--lora_r must be >= 1 (leave it unset to train all weights), got {self.lora_r}")
+
+    @property
+    def lora_targets(self) -> tuple[str, ...] | None:
+        if self.lora_target_modules is None:
+            return None
+        return tuple(name.strip() for name in self.lora_target_modules.split(",") if name.strip())
+
+
+@dataclass
+class TrainerArguments:
+    """The training loop: optimisation, checkpoints, evaluation, early stopping, logging."""
+
+    output_dir: str = field(metadata={"help": "where checkpoints, the final model and results.json go"})
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 32
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    num_train_epochs: int = 3
+    max_train_steps: int | None = field(
+        default=None, metadata={"help": "total optimizer steps; overrides --num_train_epochs"}
+    )
+    gradient_accumulation_steps: int = 1
+    lr_scheduler_type: str = field(
+        default="linear", metadata={"help": "transformers scheduler name: linear, cosine, constant_with_warmup, ..."}
+    )
+    num_warmup_steps: int = 0
+    warmup_ratio: float = field(default=0.0, metadata={"help": "warmup as a fraction of the total steps"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm; 0 disables it"})
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
+        default=None, metadata={"help": "no, fp16 or bf16; default: what `accelerate config`/launch says"}
+    )
+    seed: int = 42
+    checkpointing_steps: str | None = field(
+        default=None,
+        metadata={"help": "save the full training state every N optimizer steps, or 'epoch'; always at the end"},
+    )
+    save_total_limit: int | None = field(
+        default=2, metadata={"help": "keep at most this many checkpoints (oldest deleted first); unset keeps all"}
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "a checkpoint folder, or 'latest' for the newest one under --output_dir"}
+    )
+    eval_steps: int | None = field(
+        default=None, metadata={"help": "evaluate every N optimizer steps; unset: at the end of every epoch"}
+    )
+    logging_steps: int = 50
+    with_tracking: bool = field(default=False, metadata={"help": "log to accelerate trackers (--report_to)"})
+    report_to: str = field(default="tensorboard", metadata={"help": "accelerate tracker(s), comma-separated"})
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"help": "stop after this many evaluations without improvement"}
+    )
+    early_stopping_threshold: float = 0.0
+    metric_for_best_model: str | None = field(
+        default=None, metadata={"help": "metric watched by early stopping (default: the task's main metric)"}
+    )
+    greater_is_better: bool = True
+    dataloader_num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.checkpointing_steps is not None and self.checkpointing_steps != "epoch":
+            if not self.checkpointing_steps.isdigit() or int(self.checkpointing_steps) < 1:
+                raise ValueError(
+                    f"--checkpointing_steps must be a positive integer or 'epoch', got {self.checkpointing_steps!r}"
+                )
+        positive = {
+            "per_device_train_batch_size": self.per_device_train_batch_size,
+            "per_device_eval_batch_size": self.per_device_eval_batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "num_train_epochs": self.num_train_epochs,
+            "logging_steps": self.logging_steps,
+        }
+        for name in ("max_train_steps", "eval_steps", "save_total_limit", "early_stopping_patience"):
+            if getattr(self, name) is not None:
+                positive[name] = getattr(self, name)
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"--{name} must be >= 1, got {value}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.warmup_ratio and self.num_warmup_steps:
+            raise ValueError("give --num_warmup_steps or --warmup_ratio, not both")
+
+    @property
+    def checkpoint_every(self) -> int | None:
+        """Steps between checkpoints (None: only per epoch or at the end)."""
+        steps = self.checkpointing_steps
+        return int(steps) if steps is not None and steps != "epoch" else None

@@ -1,0 +1,95 @@
+"""Offline metrics with GLUE's definitions (the Hub ``glue`` metric needs the network; these do not).
+
+Accuracy = mean(pred == label); F1 of the positive class 1 = 2·TP / (2·TP + FP + FN); Matthews correlation
+= (TP·TN − FP·FN) / √((TP+FP)(TP+FN)(TN+FP)(TN+FN)); Pearson r and Spearman ρ (Pearson r of the ranks,
+ties averaged) for STS-B regression.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+from scipy import stats
+from sklearn.metrics import f1_score, matthews_corrcoef
+
+
+class EvalOutput(NamedTuple):
+    """Everything gathered over an evaluation set, one row per sample (duplicates already dropped).
+
+    logits (N, C) or (N, 1) for regression; labels (N,); example_ids (N,) when several rows (chunks)
+    belong to one example, else None.
+    """
+
+    logits: np.ndarray
+    labels: np.ndarray
+    example_ids: np.ndarray | None = None
+
+
+MetricFn = Callable[[EvalOutput], dict[str, float]]
+
+
+def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(predictions == labels))
+
+
+def binary_f1(predictions: np.ndarray, labels: np.ndarray) -> float:
+    return float(f1_score(labels, predictions, pos_label=1, average="binary", zero_division=0.0))
+
+
+def matthews_correlation(predictions: np.ndarray, labels: np.ndarray) -> float:
+    return float(matthews_corrcoef(labels, predictions))
+
+
+def pearson_spearman(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    return {
+        "pearson": float(stats.pearsonr(predictions, labels)[0]),
+        "spearmanr": float(stats.spearmanr(predictions, labels)[0]),
+    }
+
+
+GLUE_METRICS: dict[str, tuple[str, ...]] = {
+    "cola": ("matthews_correlation",),
+    "sst2": ("accuracy",),
+    "mrpc": ("accuracy", "f1"),
+    "qqp": ("accuracy", "f1"),
+    "stsb": ("pearson", "spearmanr"),
+    "mnli": ("accuracy",),
+    "qnli": ("accuracy",),
+    "rte": ("accuracy",),
+    "wnli": ("accuracy",),
+}
+
+
+def glue_metrics(task_name: str, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """GLUE's official metric(s) for ``task_name``; predictions are class ids, or scores for stsb."""
+    if task_name not in GLUE_METRICS:
+        raise ValueError(f"unknown GLUE task {task_name!r}; known: {', '.join(GLUE_METRICS)}")
+    if task_name == "stsb":
+        return pearson_spearman(predictions, labels)
+    if task_name == "cola":
+        return {"matthews_correlation": matthews_correlation(predictions, labels)}
+    result = {"accuracy": accuracy(predictions, labels)}
+    if task_name in ("mrpc", "qqp"):
+        result["f1"] = binary_f1(predictions, labels)
+    return result
+
+
+def classification_metrics(output: EvalOutput, with_f1: bool = False) -> dict[str, float]:
+    """Accuracy (and binary F1) of argmax predictions; rows sharing an example id are one example whose
+    logits are the mean of its rows' (a long text split into chunks)."""
+    logits, labels = output.logits, output.labels
+    if output.example_ids is not None:
+        ids, first, inverse = np.unique(output.example_ids, return_index=True, return_inverse=True)
+        summed = np.zeros((len(ids), logits.shape[1]), dtype=np.float64)
+        np.add.at(summed, inverse, logits)
+        logits = summed / np.bincount(inverse)[:, None]
+        if not np.array_equal(labels[first][inverse], labels):
+            raise ValueError("rows with the same example id carry different labels")
+        labels = labels[first]
+    predictions = logits.argmax(-1)
+    result = {"accuracy": accuracy(predictions, labels)}
+    if with_f1:
+        result["f1"] = binary_f1(predictions, labels)
+    return result

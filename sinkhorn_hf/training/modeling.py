@@ -1,0 +1,80 @@
+"""Build the model a script fine-tunes: pretrained or from a config, with its attention, adjoint and LoRA."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from transformers import AutoConfig, PreTrainedConfig
+
+from .arguments import ModelArguments
+from .lora import apply_lora
+
+
+def load_config(model_args: ModelArguments, **config_kwargs: Any) -> PreTrainedConfig:
+    """The model's config (pretrained, or a fresh one of ``--model_type``), then ``--config_overrides``.
+
+    ``config_kwargs`` (num_labels, id2label, ...) are set before the overrides, so the overrides win.
+    """
+    if model_args.model_name_or_path is not None:
+        config = AutoConfig.from_pretrained(model_args.config_name or model_args.model_name_or_path, **config_kwargs)
+    elif model_args.config_name is not None:
+        config = AutoConfig.from_pretrained(model_args.config_name, **config_kwargs)
+    else:
+        config = AutoConfig.for_model(model_args.model_type, **config_kwargs)
+    if model_args.config_overrides:
+        unknown = [
+            item.split("=", 1)[0]
+            for item in model_args.config_overrides.split(",")
+            if not hasattr(config, item.split("=", 1)[0].strip())
+        ]
+        if unknown:
+            raise ValueError(
+                f"--config_overrides names attributes {unknown} that a {config.model_type} config does not have"
+            )
+        config.update_from_string(model_args.config_overrides)
+    return config
+
+
+def enable_adjoint_scheme(model: nn.Module, scheme: str) -> None:
+    """Switch the model's residual stack to the adjoint scheme (``off`` leaves it alone)."""
+    if scheme == "off":
+        return
+    try:
+        from sinkhorn_hf import enable_adjoint
+    except ImportError as err:
+        raise NotImplementedError(
+            f"--adjoint {scheme}: this sinkhorn_hf build has no adjoint residual stacks "
+            "(sinkhorn_hf.enable_adjoint is missing); use --adjoint off"
+        ) from err
+    enable_adjoint(model, scheme=scheme)
+
+
+def build_model(
+    model_args: ModelArguments, config: PreTrainedConfig, auto_class: Any, **load_kwargs: Any
+) -> tuple[nn.Module, tuple[str, ...] | None]:
+    """Instantiate ``auto_class`` (e.g. ``AutoModelForSequenceClassification``) with the requested attention,
+    adjoint scheme and LoRA adapters. Returns the model and the LoRA target modules (None without LoRA)."""
+    if model_args.attn_implementation == "sinkhorn":
+        import sinkhorn_hf  # noqa: F401  (registers the "sinkhorn" attention)
+
+        config.sinkhorn_iterations = model_args.sinkhorn_iterations
+    if model_args.model_name_or_path is not None:
+        model = auto_class.from_pretrained(
+            model_args.model_name_or_path,
+            config=config,
+            attn_implementation=model_args.attn_implementation,
+            **load_kwargs,
+        )
+    else:
+        model = auto_class.from_config(config, attn_implementation=model_args.attn_implementation)
+    enable_adjoint_scheme(model, model_args.adjoint)
+    if model_args.lora_r is None:
+        return model, None
+    return apply_lora(
+        model,
+        r=model_args.lora_r,
+        alpha=model_args.lora_alpha,
+        dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_targets,
+    )

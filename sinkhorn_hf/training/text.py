@@ -1,0 +1,51 @@
+"""Shared steps of the text pipelines: label conversion, subsampling, tokenisation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import datasets
+
+
+def check_columns(dataset: datasets.Dataset, needed: Sequence[str], where: str, hint: str) -> None:
+    missing = [c for c in needed if c not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"{where} lacks column(s) {', '.join(repr(c) for c in missing)} "
+            f"(it has: {', '.join(dataset.column_names)}). {hint}"
+        )
+
+
+def encode_labels(
+    dataset: datasets.Dataset, label_names: Sequence[str] | None, where: str, column: str = "label"
+) -> datasets.Dataset:
+    """Labels as class ids (given as ids or as names in ``label_names``), or floats for regression (None)."""
+
+    def convert(value: str | int | float) -> int | float:
+        if label_names is None:
+            try:
+                return float(value)
+            except ValueError as err:
+                raise ValueError(f"{where}: regression label {value!r} is not a number") from err
+        if isinstance(value, str) and value in label_names:
+            return label_names.index(value)
+        try:
+            index = int(value)
+        except ValueError:
+            index = -1
+        if not 0 <= index < len(label_names):
+            allowed = ", ".join(f"{i} or {name!r}" for i, name in enumerate(label_names))
+            raise ValueError(f"{where}: label {value!r} is not one of: {allowed}")
+        return index
+
+    values = dataset[column]
+    converted = [convert(v) for v in values]
+    feature = datasets.Value("float32") if label_names is None else datasets.ClassLabel(names=list(label_names))
+    return dataset.remove_columns(column).add_column("labels", converted, feature=feature)
+
+
+def subsample(dataset: datasets.Dataset, n: int | None, seed: int) -> datasets.Dataset:
+    """A seeded random subset of ``n`` rows (random, not the first n: some files are sorted by label)."""
+    if n is None or n >= len(dataset):
+        return dataset
+    return dataset.shuffle(seed=seed).select(range(n)).flatten_indices()

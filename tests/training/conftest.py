@@ -1,0 +1,78 @@
+"""Tiny models and small data written by the tests (no network, no /work/shared)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from accelerate.state import AcceleratorState, GradientState
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "movie", "film", "is", "plot", "it", "was"]
+POSITIVE = ["good", "great", "fine", "superb"]
+NEGATIVE = ["bad", "awful", "dull", "boring"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each trainer in a test process starts from a clean accelerate state, as a new process would."""
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine: a second OpenMP thread only waits for a busy core (10x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A random 2-layer BERT encoder and a word-level WordPiece tokenizer saved like a Hub checkpoint."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    path = tmp_path_factory.mktemp("tiny_bert")
+    words = VOCAB + POSITIVE + NEGATIVE
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+    config = BertConfig(
+        vocab_size=len(words),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def sentiment_rows(n: int, seed: int, max_words: int = 8) -> list[tuple[str, int]]:
+    """Sentences whose label is the polarity of the one sentiment word they contain (learnable)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        words = [rng.choice(VOCAB[5:]) for _ in range(rng.randint(1, max_words))]
+        words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if label else NEGATIVE))
+        rows.append((" ".join(words), label))
+    return rows
+
+
+@pytest.fixture
+def sst2_files(tmp_path) -> tuple[Path, Path]:
+    """GLUE SST-2 layout: sentence<TAB>label with a header; 96 train rows, 41 dev rows (odd on purpose)."""
+    paths = []
+    for name, n, seed in (("train.tsv", 96, 0), ("dev.tsv", 41, 1)):
+        path = tmp_path / name
+        path.write_text("sentence\tlabel\n" + "".join(f"{s} \t{y}\n" for s, y in sentiment_rows(n, seed)))
+        paths.append(path)
+    return paths[0], paths[1]

@@ -1,0 +1,174 @@
+"""The accelerate trainer: exact resume after a crash, schedule, early stopping, results.json, trackers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+
+from sinkhorn_hf.training.arguments import ModelArguments, TrainerArguments
+from sinkhorn_hf.training.checkpoints import list_checkpoints
+from sinkhorn_hf.training.glue import GLUE_TASKS, compute_glue_metrics, load_glue_file, tokenize
+from sinkhorn_hf.training.modeling import build_model, load_config
+from sinkhorn_hf.training.trainer import Trainer, make_accelerator
+
+RESULT_KEYS = {
+    "model_name_or_path", "task_name", "dataset", "attn_implementation", "sinkhorn_iterations", "adjoint", "lora",
+    "command", "metrics", "eval_split", "num_train_samples", "train_steps", "epochs", "seed", "train_runtime_s",
+    "train_samples_per_second", "peak_memory_mb",
+}  # fmt: skip
+
+
+class CrashAfter:
+    """A collator that dies on its n-th call, like a run killed while reading data."""
+
+    def __init__(self, collator, calls: int) -> None:
+        self.collator, self.calls = collator, calls
+
+    def __call__(self, rows):
+        self.calls -= 1
+        if self.calls < 0:
+            raise KeyboardInterrupt("simulated kill")
+        return self.collator(rows)
+
+
+def make_trainer(model_dir: Path, files: tuple[Path, Path], out: Path, crash_after: int | None = None, **overrides):
+    settings = dict(
+        output_dir=str(out), per_device_train_batch_size=8, learning_rate=3e-3, num_train_epochs=5, seed=7,
+        logging_steps=1,
+    )  # fmt: skip
+    settings.update(overrides)
+    args = TrainerArguments(**settings)
+    accelerator = make_accelerator(args)
+    task = GLUE_TASKS["sst2"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    train, dev = (tokenize(load_glue_file(str(f), task), task, tokenizer, 32) for f in files)
+    model_args = ModelArguments(model_name_or_path=str(model_dir), attn_implementation="sinkhorn")
+    model, _ = build_model(model_args, load_config(model_args, num_labels=2), AutoModelForSequenceClassification)
+    collator = DataCollatorWithPadding(tokenizer)
+    return Trainer(
+        model,
+        args,
+        train_dataset=train,
+        eval_datasets={"": dev},
+        data_collator=collator if crash_after is None else CrashAfter(collator, crash_after),
+        compute_metrics=compute_glue_metrics(task),
+        accelerator=accelerator,
+        processing_class=tokenizer,
+        run_info={"task_name": "sst2"},
+        main_metric="accuracy",
+    )
+
+
+def test_killed_run_resumes_to_the_same_result(tiny_bert, sst2_files, tmp_path):
+    # 96 rows / batch 8 = 12 batches per epoch, 6 optimizer steps per epoch with accumulation 2; dropout on.
+    common = dict(num_train_epochs=3, gradient_accumulation_steps=2, checkpointing_steps="4", eval_steps=3,
+                  warmup_ratio=0.2)  # fmt: skip
+    full = make_trainer(tiny_bert, sst2_files, tmp_path / "full", **common).train()
+
+    # The collator serves 12 train batches in epoch 1, 2 eval batches at steps 3 and 6, then epoch 2; the
+    # loader reads one batch ahead, so its 22nd call reads batch 6 of epoch 2 while step 9 is under way:
+    # the last checkpoint is step 8, in the middle of epoch 2 (4 batches read).
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(tiny_bert, sst2_files, tmp_path / "killed", crash_after=21, **common).train()
+    assert [p.name for p in list_checkpoints(tmp_path / "killed")] == ["step_4", "step_8"]
+    resumed = make_trainer(tiny_bert, sst2_files, tmp_path / "killed", resume_from_checkpoint="latest", **common)
+    result = resumed.train()
+
+    assert result["train_steps"] == full["train_steps"] == 18
+    assert result["metrics"] == full["metrics"]
+    assert [h["step"] for h in result["eval_history"]] == [3, 6, 9, 12, 15, 18]
+    assert result["eval_history"] == full["eval_history"]
+    full_weights = load_file(tmp_path / "full" / "model.safetensors")
+    resumed_weights = load_file(tmp_path / "killed" / "model.safetensors")
+    assert full_weights.keys() == resumed_weights.keys()
+    for name, value in full_weights.items():
+        assert torch.equal(value, resumed_weights[name]), name
+
+
+def test_resume_refuses_a_different_run(tiny_bert, sst2_files, tmp_path):
+    make_trainer(tiny_bert, sst2_files, tmp_path, num_train_epochs=1).train()
+    other = make_trainer(tiny_bert, sst2_files, tmp_path, num_train_epochs=1, per_device_train_batch_size=4,
+                         resume_from_checkpoint="latest")  # fmt: skip
+    with pytest.raises(ValueError, match="per_device_train_batch_size"):
+        other.train()
+
+
+def test_resume_latest_without_checkpoint_is_an_error(tiny_bert, sst2_files, tmp_path):
+    trainer = make_trainer(tiny_bert, sst2_files, tmp_path, resume_from_checkpoint="latest")
+    with pytest.raises(FileNotFoundError, match="no checkpoint under"):
+        trainer.train()
+
+
+def test_results_json_and_saved_model(tiny_bert, sst2_files, tmp_path):
+    result = make_trainer(tiny_bert, sst2_files, tmp_path, save_total_limit=1, checkpointing_steps="epoch").train()
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written == json.loads(json.dumps(result))
+    assert {"task_name", "metrics", "num_train_samples", "train_steps", "epochs", "seed", "train_runtime_s",
+            "train_samples_per_second", "peak_memory_mb"} <= written.keys()  # fmt: skip
+    assert written["num_train_samples"] == 96 and written["train_steps"] == 60 and written["epochs"] == 5
+    assert written["num_eval_samples"] == {"num_samples": 41}
+    assert written["metrics"]["accuracy"] > 0.9  # the polarity word decides the label
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_60"]
+    # The saved model reloads as a Sinkformer and reproduces the reported accuracy.
+    import sinkhorn_hf  # noqa: F401
+
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert model.config._attn_implementation == "sinkhorn"
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    task = GLUE_TASKS["sst2"]
+    dev = load_glue_file(str(sst2_files[1]), task)
+    with torch.no_grad():
+        batch = tokenizer(list(dev["sentence"]), padding=True, return_tensors="pt")
+        predictions = model(**batch).logits.argmax(-1)
+    accuracy = (predictions == torch.tensor(list(dev["labels"]))).float().mean().item()
+    assert accuracy == pytest.approx(written["metrics"]["accuracy"])
+
+
+def test_warmup_schedule_and_tensorboard_logs(tiny_bert, sst2_files, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    make_trainer(tiny_bert, sst2_files, tmp_path, learning_rate=1e-3, max_train_steps=6, num_warmup_steps=2,
+                 with_tracking=True).train()  # fmt: skip
+    logs = EventAccumulator(str(tmp_path / "runs" / "sinkhorn_hf"))  # accelerate's tensorboard layout
+    logs.Reload()
+    lrs = {e.step: e.value for e in logs.Scalars("train/learning_rate")}
+    # linear warmup over 2 steps, then linear decay to 0 at step 6 (value after each step's update)
+    expected = {1: 0.5e-3, 2: 1e-3, 3: 0.75e-3, 4: 0.5e-3, 5: 0.25e-3, 6: 0.0}
+    assert lrs.keys() == expected.keys()
+    for step, value in expected.items():
+        assert lrs[step] == pytest.approx(value, abs=1e-9)
+    assert [e.step for e in logs.Scalars("eval/accuracy")] == [6]
+
+
+def test_early_stopping_stops_after_patience(tiny_bert, sst2_files, tmp_path):
+    # With a zero learning rate the metric never improves: best at the first eval, then `patience` more.
+    result = make_trainer(tiny_bert, sst2_files, tmp_path, learning_rate=0.0, eval_steps=2,
+                          early_stopping_patience=2).train()  # fmt: skip
+    assert result["stopped_early"] is True
+    assert result["train_steps"] == 6
+    assert [h["step"] for h in result["eval_history"]] == [2, 4, 6]
+
+
+def test_early_stopping_on_an_unknown_metric_is_an_error(tiny_bert, sst2_files, tmp_path):
+    trainer = make_trainer(tiny_bert, sst2_files, tmp_path, eval_steps=2, early_stopping_patience=1,
+                           metric_for_best_model="f1")  # fmt: skip
+    with pytest.raises(ValueError, match="'f1' is not among the metrics: accuracy"):
+        trainer.train()
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(checkpointing_steps="often"), "positive integer or 'epoch'"),
+        (dict(gradient_accumulation_steps=0), "gradient_accumulation_steps must be >= 1"),
+        (dict(warmup_ratio=0.1, num_warmup_steps=3), "not both"),
+    ],
+)
+def test_bad_trainer_arguments(bad, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        TrainerArguments(output_dir=str(tmp_path), **bad)
