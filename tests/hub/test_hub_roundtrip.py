@@ -18,11 +18,15 @@ POSITIVE, NEGATIVE, FILLER = ["sinkhorn", "doubly", "stochastic"], ["padding", "
 
 
 @pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """The trainer's Accelerator is a process-wide singleton; leave none behind for other tests."""
+def _fresh_accelerate_state_one_thread():
+    """The trainer's Accelerator is a process-wide singleton: leave none behind for other tests. One thread:
+    on a shared 2-core machine a second OpenMP thread mostly waits for a busy core."""
     from accelerate.state import AcceleratorState, GradientState
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
 
