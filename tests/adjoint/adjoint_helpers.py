@@ -128,6 +128,7 @@ def ddp_worker(rank: int, world: int, port: int, scheme: str, out_path: str) -> 
     from sinkhorn_hf.adjoint import enable_adjoint
 
     # The loss leaves the pooler unused: DDP must be told, or it never launches its all-reduce.
+    torch.set_num_threads(1)
     accelerator = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     model, inputs = tiny_model("bert", dropout=0.0)
     enable_adjoint(model, scheme)
