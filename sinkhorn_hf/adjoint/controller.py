@@ -21,7 +21,7 @@ from ..families import UnsupportedModelError
 from .blocks import Stack, find_stacks
 from .probe import Reconstruction, measure_reconstruction, saved_activation_bytes
 from .stack import AdjointLayer, LayerCall, Tape
-from .steps import LayerStep, new_record
+from .steps import LayerStep, new_record, outputs_not_captured
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,8 @@ class AdjointStack:
         trainable = [p for p in layer.parameters() if p.requires_grad]
         builds_graph = torch.is_grad_enabled() and (hidden_states.requires_grad or bool(trainable))
         if position == 0:
-            self._maybe_probe(hidden_states, attention_mask, kwargs, layer.training, builds_graph)
+            with outputs_not_captured():
+                self._maybe_probe(hidden_states, attention_mask, kwargs, layer.training, builds_graph)
         if not builds_graph or position is None or self.scheme == "off":
             out = step.run(state, new_record(hidden_states, training=False, reversible=False))
         else:

@@ -19,6 +19,11 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+try:  # transformers' collector of output_attentions / output_hidden_states (private; absent in old versions)
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # pragma: no cover
+    _active_collector = None
+
 import torch
 
 from .blocks import Sublayer
@@ -84,6 +89,19 @@ def _wide(t: Tensor) -> Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
+@contextmanager
+def outputs_not_captured():
+    """Extra evaluations (Heun's second call, probes) must not add attention maps to the model's outputs."""
+    if _active_collector is None:
+        yield
+        return
+    token = _active_collector.set(None)
+    try:
+        yield
+    finally:
+        _active_collector.reset(token)
+
+
 def _norm_stats(z: Tensor, norm: torch.nn.LayerNorm) -> tuple[Tensor, Tensor]:
     var, mean = torch.var_mean(_wide(z), dim=-1, unbiased=False, keepdim=True)
     return mean, torch.sqrt(var + norm.eps)
@@ -121,7 +139,8 @@ class LayerStep:
         for i, sub in enumerate(self.sublayers):
             if heun:
                 k1 = self._f(rec, 2 * i, sub, x)
-                k2 = self._f(rec, 2 * i + 1, sub, x + k1)
+                with outputs_not_captured():
+                    k2 = self._f(rec, 2 * i + 1, sub, x + k1)
                 z = x + 0.5 * (k1 + k2)
             else:
                 z = x + self._f(rec, i, sub, x)

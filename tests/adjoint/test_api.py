@@ -103,6 +103,16 @@ def test_heun_changes_the_forward_as_documented():
     torch.testing.assert_close(model(**inputs).last_hidden_state, expected)
 
 
+@pytest.mark.parametrize("scheme", ["heun", "auto"])
+def test_output_attentions_has_one_map_per_layer(scheme):
+    # Heun evaluates each branch twice and auto probes the stack: neither may add attention maps.
+    model, inputs = tiny_model("bert", dropout=0.0)
+    enable_adjoint(model, scheme)
+    out = model(**inputs, output_attentions=True, output_hidden_states=True)
+    assert len(out.attentions) == 3 and len(out.hidden_states) == 4
+    out.last_hidden_state.sum().backward()
+
+
 def test_probe_leaves_grads_and_rng_alone():
     model, inputs = tiny_model("bert", dropout=0.2)
     state = torch.get_rng_state()
