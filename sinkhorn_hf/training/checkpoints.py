@@ -33,6 +33,7 @@ class TrainerState:
     evals_without_improvement: int = 0
     stopped_early: bool = False
     last_eval_step: int | None = None
+    last_checkpoint_step: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     fingerprint: dict[str, Any] = field(default_factory=dict)
 

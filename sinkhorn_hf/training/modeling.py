@@ -36,20 +36,6 @@ def load_config(model_args: ModelArguments, **config_kwargs: Any) -> PreTrainedC
     return config
 
 
-def enable_adjoint_scheme(model: nn.Module, scheme: str) -> None:
-    """Switch the model's residual stack to the adjoint scheme (``off`` leaves it alone)."""
-    if scheme == "off":
-        return
-    try:
-        from sinkhorn_hf import enable_adjoint
-    except ImportError as err:
-        raise NotImplementedError(
-            f"--adjoint {scheme}: this sinkhorn_hf build has no adjoint residual stacks "
-            "(sinkhorn_hf.enable_adjoint is missing); use --adjoint off"
-        ) from err
-    enable_adjoint(model, scheme=scheme)
-
-
 def build_model(
     model_args: ModelArguments, config: PreTrainedConfig, auto_class: Any, **load_kwargs: Any
 ) -> tuple[nn.Module, tuple[str, ...] | None]:
@@ -68,7 +54,10 @@ def build_model(
         )
     else:
         model = auto_class.from_config(config, attn_implementation=model_args.attn_implementation)
-    enable_adjoint_scheme(model, model_args.adjoint)
+    if model_args.adjoint != "off":
+        from ..adjoint import enable_adjoint
+
+        enable_adjoint(model, scheme=model_args.adjoint)
     if model_args.lora_r is None:
         return model, None
     return apply_lora(

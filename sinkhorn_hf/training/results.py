@@ -25,6 +25,8 @@ def command_line(argv: list[str] | None = None) -> str:
     argv = list(sys.argv if argv is None else argv)
     if "ACCELERATE_MIXED_PRECISION" in os.environ:  # set by `accelerate launch` for every process it starts
         launcher = ["accelerate", "launch", "--num_processes", os.environ.get("WORLD_SIZE", "1")]
+        if "LOCAL_RANK" in os.environ:  # started by the torch elastic launcher, i.e. --multi_gpu
+            launcher.append("--multi_gpu")
         if os.environ.get("ACCELERATE_USE_CPU", "False").lower() in ("1", "true"):
             launcher.append("--cpu")
         if os.environ["ACCELERATE_MIXED_PRECISION"] != "no":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,8 +36,15 @@ EXAMPLE_ID = "example_id"  # batch key naming the example a row belongs to; gath
 
 
 def make_accelerator(args: TrainerArguments) -> Accelerator:
-    """The run's Accelerator, seeded. Create it before building data and model (it sets up the processes)."""
+    """The run's Accelerator, seeded. Create it before building data and model (it sets up the processes).
+
+    Processes started by torchrun / ``accelerate launch --multi_gpu`` on a machine without an accelerator
+    join one CPU (gloo) process group instead of each training alone.
+    """
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    launched = int(os.environ.get("LOCAL_RANK", -1)) != -1
     accelerator = Accelerator(
+        cpu=launched and not has_accelerator,
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=[t.strip() for t in args.report_to.split(",")] if args.with_tracking else None,
@@ -45,6 +53,13 @@ def make_accelerator(args: TrainerArguments) -> Accelerator:
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
+    if accelerator.num_processes == 1 and "MASTER_ADDR" in os.environ and "LOCAL_RANK" not in os.environ:
+        # `accelerate launch --cpu --num_processes N` (N > 1) starts one process and expects mpirun to start the rest.
+        raise RuntimeError(
+            "this process was launched for distributed training but runs alone: `accelerate launch --cpu "
+            "--num_processes N` needs MPI (--mpirun_hostfile). For N CPU processes use `accelerate launch "
+            "--multi_gpu --num_processes N` (no GPU needed) or `torchrun --nproc_per_node N`."
+        )
     set_seed(args.seed)
     return accelerator
 
@@ -211,6 +226,7 @@ class Trainer:
 
     def _save_checkpoint(self) -> None:
         self._pause_clock()
+        self.state.last_checkpoint_step = self.state.completed_steps
         self.accelerator.save_state(str(checkpoint_dir(self.args.output_dir, self.state.completed_steps)))
         if self.accelerator.is_main_process:
             prune_checkpoints(self.args.output_dir, self.args.save_total_limit)
@@ -284,7 +300,7 @@ class Trainer:
         if state.last_eval_step != state.completed_steps:
             self._evaluate_and_track()
         self._pause_clock()
-        if not checkpoint_dir(args.output_dir, state.completed_steps).exists():
+        if state.last_checkpoint_step != state.completed_steps:  # not the file system: ranks must agree
             self._save_checkpoint()
         results = self._finish()
         acc.end_training()
