@@ -10,6 +10,7 @@ so extra memory is O(block·Lk) per head instead of O(Lq·Lk)).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -28,6 +29,46 @@ def _rows(mask: Tensor | None, rows: slice) -> Tensor | None:
     if mask is None or mask.shape[-2] == 1:
         return mask
     return mask[..., rows, :]
+
+
+class MarginalSupport(NamedTuple):
+    """Which rows and columns carry mass, the valid queries, and the column target log(n_q / n_k).
+
+    row_has_mass (..., Lq, 1), column_has_mass (..., 1, Lk), query_valid (..., Lq, 1): bool or None (all);
+    log_target: (..., 1, 1) tensor, or a number when nothing is masked.
+    """
+
+    row_has_mass: Tensor | None
+    column_has_mass: Tensor | None
+    query_valid: Tensor | None
+    log_target: Tensor | float
+
+
+def marginal_support(
+    allowed: Tensor | None, query_valid: Tensor | None, n_q: int, n_k: int, dtype: torch.dtype, block_rows: int
+) -> MarginalSupport:
+    """The support of the Sinkhorn problem; the column masks are visited ``block_rows`` queries at a time."""
+    row_has_mass = None if allowed is None else allowed.any(dim=-1, keepdim=True)
+    column_has_mass = None
+    if allowed is not None or query_valid is not None:
+        for start in range(0, n_q, block_rows):
+            mask = column_mask(allowed, query_valid, slice(start, start + block_rows))
+            any_here = mask.expand(*mask.shape[:-1], n_k).any(dim=-2, keepdim=True)
+            column_has_mass = any_here if column_has_mass is None else column_has_mass | any_here
+    if column_has_mass is None:
+        return MarginalSupport(None, None, None, math.log(n_q / n_k))
+    count_q = query_valid.sum(dim=-2, keepdim=True) if query_valid is not None else torch.tensor(n_q)
+    count_k = column_has_mass.sum(dim=-1, keepdim=True)
+    log_target = (count_q.clamp(min=1).to(dtype) / count_k.clamp(min=1).to(dtype)).log()
+    return MarginalSupport(row_has_mass, column_has_mass, query_valid, log_target)
+
+
+def column_mask(allowed: Tensor | None, query_valid: Tensor | None, rows: slice) -> Tensor | None:
+    """Entries of query rows ``rows`` that count in the column marginals: allowed and from a valid query."""
+    allowed, valid = _rows(allowed, rows), _rows(query_valid, rows)
+    if allowed is None or valid is None:
+        return allowed if valid is None else valid
+    return allowed & valid
 
 
 class ScoreBlocks:
@@ -56,55 +97,37 @@ class ScoreBlocks:
         self.slices = [slice(start, min(start + size, n_q)) for start in range(0, n_q, size)]
         self.dense = len(self.slices) == 1
         self.batch_shape = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2])
+        # One reusable (..., block, Lk) buffer: fresh N² allocations cost page faults on every pass.
+        self._scratch = torch.empty(*self.batch_shape, size, n_k, dtype=query.dtype, device=query.device)
         self._scores = scores
         if self._scores is None and self.dense:
-            self._scores = self._compute(self.slices[0])
+            self._scores = self._compute(self.slices[0], torch.empty_like(self._scratch))
         self._blocked: dict[tuple[int, bool], Tensor | None] = {}
 
-        # Support: rows and columns that carry mass, and the column target log(n_q / n_k).
-        self.row_has_mass = None if allowed is None else allowed.any(dim=-1, keepdim=True)
-        column_has_mass = None
-        if allowed is not None or query_valid is not None:
-            for index in range(len(self.slices)):
-                mask = self.column_mask(index)
-                mask = mask.expand(*mask.shape[:-1], n_k)
-                any_here = mask.any(dim=-2, keepdim=True)
-                column_has_mass = any_here if column_has_mass is None else column_has_mass | any_here
-        self.column_has_mass = column_has_mass
-        dtype = query.dtype
-        if column_has_mass is None:
-            self.log_target: Tensor | float = math.log(n_q / n_k)
-        else:
-            count_q = query_valid.sum(dim=-2, keepdim=True) if query_valid is not None else torch.tensor(n_q)
-            count_k = column_has_mass.sum(dim=-1, keepdim=True)
-            self.log_target = (count_q.clamp(min=1).to(dtype) / count_k.clamp(min=1).to(dtype)).log()
+        self.support = marginal_support(allowed, query_valid, n_q, n_k, query.dtype, size)
+        self.row_has_mass, self.column_has_mass, _, self.log_target = self.support
 
     # --- scores and masks per block ------------------------------------------------------------------------
 
-    def _compute(self, rows: slice) -> Tensor:
-        scores = torch.matmul(self.query[..., rows, :], self.key.transpose(-1, -2)).mul_(self.scale)
+    def _compute(self, rows: slice, out: Tensor) -> Tensor:
+        # scale the (rows, D) query block, not the (rows, Lk) scores, and never copy all of Q
+        torch.matmul(self.query[..., rows, :] * self.scale, self.key.transpose(-1, -2), out=out)
         bias = _rows(self.bias, rows)
-        return scores if bias is None else scores.add_(bias)
+        return out if bias is None else out.add_(bias)
 
     @property
     def cached_scores(self) -> Tensor | None:
         """S (..., Lq, Lk) in the dense mode, None when streaming."""
         return self._scores
 
-    def scores(self, index: int) -> Tensor:
-        """S for block ``index`` (..., rows, Lk); do not modify it (it may be the cached S)."""
+    def scratch(self, index: int) -> Tensor:
+        """The shared (..., rows, Lk) buffer for block ``index``: valid until the next call that uses it."""
         rows = self.slices[index]
-        if self._scores is not None:
-            return self._scores[..., rows, :]
-        return self._compute(rows)
+        return self._scratch[..., : rows.stop - rows.start, :]
 
     def column_mask(self, index: int) -> Tensor | None:
-        """Entries of block ``index`` that count in the column marginals: allowed and from a valid query."""
-        rows = self.slices[index]
-        allowed, valid = _rows(self.allowed, rows), _rows(self.query_valid, rows)
-        if allowed is None or valid is None:
-            return allowed if valid is None else valid
-        return allowed & valid
+        """Entries of block ``index`` that count in the column marginals."""
+        return column_mask(self.allowed, self.query_valid, self.slices[index])
 
     def _blocked_entries(self, index: int, column: bool) -> Tensor | None:
         if (index, column) in self._blocked:
@@ -117,19 +140,33 @@ class ScoreBlocks:
 
     # --- the three things Sinkhorn does with a block ---------------------------------------------------------
 
-    def logits(self, index: int, row_shift: Tensor | None, column_shift: Tensor | float, column: bool) -> Tensor:
-        """A fresh buffer ``S + row_shift + column_shift`` on block ``index`` with MASKED_LOGIT outside the
-        support (of the rows if not ``column``, of the column marginals if ``column``)."""
-        scores = self.scores(index)
-        out = scores + column_shift if isinstance(column_shift, Tensor) else scores.add(column_shift)
+    def logits(
+        self,
+        index: int,
+        row_shift: Tensor | None,
+        column_shift: Tensor | float,
+        column: bool,
+        out: Tensor | None = None,
+    ) -> Tensor:
+        """``S + row_shift + column_shift`` on block ``index`` with MASKED_LOGIT outside the support (of the rows
+        if not ``column``, of the column marginals if ``column``), written into ``out`` or the scratch buffer."""
+        rows = self.slices[index]
+        out = self.scratch(index) if out is None else out
+        if self._scores is not None:
+            torch.add(self._scores[..., rows, :], column_shift, out=out)
+        else:
+            self._compute(rows, out)
+            if isinstance(column_shift, Tensor) or column_shift != 0:
+                out.add_(column_shift)
         if row_shift is not None:
-            out.add_(row_shift[..., self.slices[index], :])
+            out.add_(row_shift[..., rows, :])
         blocked = self._blocked_entries(index, column)
         return out if blocked is None else out.masked_fill_(blocked, MASKED_LOGIT)
 
     def row_lse(self, v: Tensor) -> Tensor:
         """logsumexp over allowed keys of S + v, per query (..., Lq, 1)."""
-        return torch.cat([lse_(self.logits(i, None, v, column=False), -1) for i in range(len(self.slices))], -2)
+        parts = [lse_(self.logits(i, None, v, column=False), -1) for i in range(len(self.slices))]
+        return parts[0] if self.dense else torch.cat(parts, -2)
 
     def column_lse(self, u: Tensor) -> Tensor:
         """logsumexp over valid queries of S + u, per key (..., 1, Lk), accumulated online across blocks."""
@@ -147,8 +184,41 @@ class ScoreBlocks:
             part = torch.matmul(grad_scores, self.key).mul_(self.scale)
             grads["query"][..., rows, :] += part.sum_to_size(grads["query"][..., rows, :].shape)
         if grads.get("key") is not None:
-            part = torch.matmul(grad_scores.transpose(-1, -2), self.query[..., rows, :]).mul_(self.scale)
+            part = torch.matmul(grad_scores.transpose(-1, -2), self.query[..., rows, :] * self.scale)
             grads["key"] += part.sum_to_size(grads["key"].shape)
         if grads.get("bias") is not None:
             target = _rows(grads["bias"], rows)
             target += grad_scores.sum_to_size(target.shape)
+
+
+class BlockPlan:
+    """The plan exp(S + a 1ᵀ + 1 bᵀ) on the row support (``column=False``) or on the column-marginal support,
+    visited block by block (each product recomputes the blocks' exponentials)."""
+
+    def __init__(self, blocks: ScoreBlocks, row_shift: Tensor, column_shift: Tensor | float, column: bool) -> None:
+        self.blocks, self.row_shift, self.column_shift, self.column = blocks, row_shift, column_shift, column
+
+    def block(self, index: int, out: Tensor | None = None) -> Tensor:
+        """The plan on block ``index`` (..., rows, Lk), in ``out`` or the blocks' scratch buffer."""
+        return self.blocks.logits(index, self.row_shift, self.column_shift, self.column, out).exp_()
+
+    def times(self, weight: Tensor) -> Tensor:
+        """Σ_k plan_qk weight_k: (..., 1, Lk) -> (..., Lq, 1)."""
+        parts = [torch.matmul(self.block(i), weight.transpose(-1, -2)) for i in range(len(self.blocks.slices))]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, -2)
+
+    def rtimes(self, weight: Tensor) -> Tensor:
+        """Σ_q weight_q plan_qk: (..., Lq, 1) -> (..., 1, Lk)."""
+        total = 0
+        for index, rows in enumerate(self.blocks.slices):
+            total = total + torch.matmul(weight[..., rows, :].transpose(-1, -2), self.block(index))
+        return total
+
+    def gram(self, weight: Tensor, row_weight: Tensor) -> Tensor:
+        """planᵀ (row_weight ⊙ plan weight), (..., 1, Lk) -> (..., 1, Lk), one exponential per block."""
+        total = 0
+        for index, rows in enumerate(self.blocks.slices):
+            plan = self.block(index)
+            image = torch.matmul(plan, weight.transpose(-1, -2)) * _rows(row_weight, rows)
+            total = total + torch.matmul(image.transpose(-1, -2), plan)
+        return total

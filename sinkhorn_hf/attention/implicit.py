@@ -4,7 +4,8 @@ At convergence (u, v) solve r = u + lse_k(S + v) = 0 and c = v + lse_q(S + u) - 
 P = exp(S + u + v) on the support and Qc = P / t on valid query rows, the adjoint system Jᵀλ = (ḡ_u, ḡ_v) reduces
 to the Schur complement (I - Pᵀ Qc + ridge·I) λ_v = ḡ_v - Pᵀ ḡ_u, solved by conjugate gradient with only P·x and
 Pᵀ·y products; then λ_u = ḡ_u - Qc λ_v and dS = -(λ_u 1ᵀ ⊙ P + 1 λ_vᵀ ⊙ Qc).
-The matrix is symmetric positive semi-definite; its null direction (constant shifts of v) does not change dS.
+The matrix is symmetric positive semi-definite; its null direction (constant shifts of v over the columns with
+mass) does not change dS at convergence, so λ_v is sought orthogonal to it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .streaming import ScoreBlocks
+from .blocks import MarginalSupport
 
 
 @dataclass(frozen=True)
@@ -37,73 +38,50 @@ def conjugate_gradient(
     direction = residual.clone()
     norm = (residual * residual).sum(-1, keepdim=True)
     goal = norm * tolerance**2
+    tiny = torch.finfo(norm.dtype).tiny
     for _ in range(max_iterations):
         active = norm > goal
         if not bool(active.any()):
             break
         image = operator(direction)
         curvature = (direction * image).sum(-1, keepdim=True)
-        step = torch.where(active & (curvature > 0), norm / curvature.clamp(min=torch.finfo(norm.dtype).tiny), 0.0)
+        step = torch.where(active & (curvature > 0), norm / curvature.clamp(min=tiny), 0.0)
         x = x + step * direction
         residual = residual - step * image
         new_norm = (residual * residual).sum(-1, keepdim=True)
-        ratio = torch.where(norm > 0, new_norm / norm.clamp(min=torch.finfo(norm.dtype).tiny), 0.0)
+        ratio = torch.where(norm > 0, new_norm / norm.clamp(min=tiny), 0.0)
         direction = residual + ratio * direction
         norm = new_norm
     return x
 
 
-def implicit_grad_scores(
-    blocks: ScoreBlocks, u: Tensor, v: Tensor, grad_u: Tensor, grad_v: Tensor, solver: ImplicitSolver
-) -> Callable[[int], Tensor]:
-    """Gradient of the loss w.r.t. S through converged potentials u (..., Lq, 1), v (..., 1, Lk), given their
-    gradients. Returns a function block index -> dS block (..., rows, Lk)."""
-    valid = blocks.query_valid
-    inv_target = torch.exp(-torch.as_tensor(blocks.log_target, dtype=u.dtype, device=u.device))
-    kept = [None] * len(blocks.slices)
+def implicit_terms(plan, grad_u: Tensor, grad_v: Tensor, support: MarginalSupport, solver: ImplicitSolver):
+    """Gradient w.r.t. S through converged potentials, as terms (plan, left, right) with
+    dS = -Σ plan ⊙ left rightᵀ (None = ones).
 
-    def plan(block: int) -> Tensor:
-        if kept[block] is not None:
-            return kept[block]
-        out = blocks.logits(block, u, v, column=False).exp_()
-        if blocks.dense:
-            kept[block] = out
-        return out
+    ``plan``: P = exp(S + u + v) on the row support, with ``times`` (P·w), ``rtimes`` (Pᵀ·w) and ``gram``
+    (Pᵀ(row_weight ⊙ P·w)); grad_u (..., Lq, 1) and grad_v (..., 1, Lk) are the gradients of the potentials.
+    """
+    dtype, device = grad_u.dtype, grad_u.device
+    inv_target = torch.exp(-torch.as_tensor(support.log_target, dtype=dtype, device=device))
+    valid = support.query_valid
+    # Qc = diag(row_weight) P: valid query rows, divided by the column target t.
+    row_weight = inv_target.expand(*grad_u.shape[:-2], 1, 1) if valid is None else valid.to(dtype) * inv_target
+    mass = support.column_has_mass
+    count = grad_v.shape[-1] if mass is None else mass.sum(-1, keepdim=True).clamp(min=1)
 
-    def valid_mask(block: int) -> Tensor | None:
-        return valid if valid is None or valid.shape[-2] == 1 else valid[..., blocks.slices[block], :]
+    def gauge(x: Tensor) -> Tensor:
+        """Remove the mean over columns with mass: the null direction of the system at convergence. Away from
+        convergence it is only nearly null; fixing it keeps the solve well conditioned and lets padded columns
+        (decoupled, identity rows) leave the answer unchanged."""
+        if mass is None:
+            return x - x.mean(-1, keepdim=True)
+        return x - (x.masked_fill(~mass, 0.0).sum(-1, keepdim=True) / count).masked_fill(~mass, 0.0)
 
-    def valid_rows(y: Tensor, block: int) -> Tensor:
-        rows = valid_mask(block)
-        return y if rows is None else y.masked_fill(~rows, 0.0)
+    def schur(x: Tensor) -> Tensor:  # (I - Pᵀ Qc + ridge) x on the gauge subspace
+        return gauge(x * (1 + solver.ridge) - plan.gram(x, row_weight))
 
-    def transposed_product(y: Tensor) -> Tensor:  # Pᵀ y: (..., Lq, 1) -> (..., 1, Lk)
-        total = 0
-        for block, rows in enumerate(blocks.slices):
-            total = total + torch.matmul(y[..., rows, :].transpose(-1, -2), plan(block))
-        return total
-
-    def schur(x: Tensor) -> Tensor:  # (I - Pᵀ Qc + ridge) x, one pass over the blocks
-        total = 0
-        for block in range(len(blocks.slices)):
-            p = plan(block)
-            image = valid_rows(torch.matmul(p, x.transpose(-1, -2)), block) * inv_target
-            total = total + torch.matmul(image.transpose(-1, -2), p)
-        return x * (1 + solver.ridge) - total
-
-    grad_v = grad_v.expand_as(v)
-    rhs = grad_v - transposed_product(grad_u)
+    rhs = gauge(grad_v - plan.rtimes(grad_u))
     lambda_v = conjugate_gradient(schur, rhs, solver.tolerance, solver.max_iterations)
-    image = torch.cat(
-        [valid_rows(torch.matmul(plan(b), lambda_v.transpose(-1, -2)), b) for b in range(len(blocks.slices))], -2
-    )
-    lambda_u = grad_u - image * inv_target
-    column_weight = lambda_v * inv_target
-
-    def grad_block(block: int) -> Tensor:
-        rows = blocks.slices[block]
-        mask = valid_mask(block)
-        weight = column_weight if mask is None else torch.where(mask, column_weight, 0.0)
-        return plan(block).mul(weight + lambda_u[..., rows, :]).neg_()
-
-    return grad_block
+    lambda_u = grad_u - row_weight * plan.times(lambda_v)
+    return [(plan, lambda_u, None), (plan, row_weight, lambda_v)]

@@ -6,16 +6,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface, PreTrainedConfig, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.utils.output_capturing import _active_collector
 
 from ..families import check_supported
+from .fast import sinkhorn_attention
 from .masking import support_from_mask
 from .settings import SinkhornSettings
-from .sinkhorn import sinkhorn
 
 ATTN_IMPLEMENTATION = "sinkhorn"
 
@@ -52,15 +51,23 @@ def sinkhorn_attention_forward(
     settings = SinkhornSettings.from_config(module.config)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    # Sinkhorn iterates exponentials of score differences: half precision would lose the marginals.
-    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
-    support = support_from_mask(attention_mask, query.shape[-2], key.shape[-2], query.device)
-    if support.bias is not None:
-        scores = scores + support.bias
-    weights = sinkhorn(scores, support.allowed, support.query_valid, settings.iterations, settings.tolerance)
-    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    output = torch.matmul(weights.to(value.dtype), value).transpose(1, 2).contiguous()
-    return output, weights.to(query.dtype) if attentions_requested(kwargs) else None
+    support = None
+    if attention_mask is not None:  # without a mask, skip building an all-True (Lq, Lk) support
+        support = support_from_mask(attention_mask, query.shape[-2], key.shape[-2], query.device)
+    output, weights = sinkhorn_attention(
+        query,
+        key,
+        value,
+        allowed=None if support is None else support.allowed,
+        bias=None if support is None else support.bias,
+        query_valid=None if support is None else support.query_valid,
+        scale=scaling,
+        settings=settings,
+        dropout=dropout if module.training else 0.0,
+        return_weights=attentions_requested(kwargs),
+    )
+    output = output.transpose(1, 2).contiguous()
+    return output, None if weights is None else weights.to(query.dtype)
 
 
 def attentions_requested(kwargs: dict) -> bool:

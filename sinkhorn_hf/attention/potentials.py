@@ -1,9 +1,8 @@
-"""Sinkhorn potentials as one autograd Function whose saved state does not grow with the number of steps.
+"""The Sinkhorn half-steps on score blocks and their exact reverse sweep, shared by both attention routes.
 
-Forward runs the half-steps of :func:`.sinkhorn.sinkhorn_potentials` (rows first) on score blocks
-(:class:`.streaming.ScoreBlocks`) without recording a graph and returns every iterate. Backward rebuilds the
-plans it needs from the saved potentials (O(K·N) numbers), either exactly through the K steps ("unrolled") or
-by implicit differentiation of the converged optimality conditions ("implicit", :mod:`.implicit`).
+Forward: the iterates of :func:`.sinkhorn.sinkhorn_potentials` (rows first) computed on
+:class:`.blocks.ScoreBlocks` without recording a graph. Backward: the plans of the steps are rebuilt from the
+saved iterates (O(K·N) numbers) and the gradient w.r.t. the scores is returned as a few weighted plans.
 
 A row step u = -lse_k(S + v) has Jacobian -P with P = exp(S + v + u) (rows sum to 1); a column step
 v = log t - lse_q(S + u) has Jacobian -Q with Q = exp(S + u + v - log t) (valid columns sum to 1).
@@ -11,30 +10,13 @@ v = log t - lse_q(S + u) has Jacobian -Q with Q = exp(S + u + v - log t) (valid 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from .implicit import ImplicitSolver, implicit_grad_scores
-from .settings import BACKWARD_MODES
-from .streaming import ScoreBlocks
+from .blocks import BlockPlan, MarginalSupport, ScoreBlocks
 
 
-@dataclass(frozen=True)
-class PotentialOptions:
-    """``steps`` half-steps (rows first); ``tolerance`` freezes converged (batch, head) entries; ``backward``
-    one of BACKWARD_MODES; ``block_size`` queries per score block (None: dense)."""
-
-    scale: float
-    steps: int
-    tolerance: float | None = None
-    backward: str = "unrolled"
-    block_size: int | None = None
-    solver: ImplicitSolver = ImplicitSolver()
-
-
-def _half_steps(blocks: ScoreBlocks, steps: int, tolerance: float | None):
+def half_steps(blocks: ScoreBlocks, steps: int, tolerance: float | None):
     """Iterates of the K half-steps: u after each row step, v after each column step, and the converged mask
     (..., 1, 1) after each column step (None without a tolerance)."""
     dtype, device = blocks.query.dtype, blocks.query.device
@@ -67,128 +49,72 @@ def _half_steps(blocks: ScoreBlocks, steps: int, tolerance: float | None):
     return us, vs, frozen
 
 
-def _unrolled_grad_scores(
-    blocks: ScoreBlocks, us: list[Tensor], vs: list[Tensor], frozen: list[Tensor], grad_us: Tensor, grad_vs: Tensor
-):
-    """Reverse sweep through the half-steps. Returns a function block index -> dS block, or dS when dense."""
-    n_steps = len(us) + len(vs)
-    u_bar = torch.zeros_like(us[0])
-    v_bar = torch.zeros_like(vs[0]) if vs else None
-    grad_dense = torch.zeros_like(blocks.cached_scores) if blocks.dense else None
-    terms = []  # (weight, row_shift, column_shift, column): dS = -Σ weight ⊙ plan(row_shift, column_shift)
-    for step in reversed(range(n_steps)):
+def unrolled_terms(plans: list, frozen: list[Tensor], grad_us: list, grad_vs: list, support: MarginalSupport):
+    """Exact reverse sweep through the half-steps, as terms (plan, left, right) with dS = -Σ plan ⊙ left rightᵀ
+    (None = ones).
+
+    ``plans[step]``: the plan of half-step ``step`` (row steps: P = exp(S + v_prev + u), columns:
+    Q = exp(S + u_prev + v - log t)) with ``times`` (plan·w) and ``rtimes`` (planᵀ·w). ``frozen``: converged
+    masks after each column step (empty without a tolerance). ``grad_us``/``grad_vs``: gradient of each iterate
+    (None = zero).
+    """
+    u_bar = v_bar = 0
+    terms = []
+    for step in reversed(range(len(plans))):
         index = step // 2
-        if step % 2 == 0:  # u_index = -lse_k(S + v_{index-1}); P = exp(S + v_prev + u)
-            u_bar = u_bar + grad_us[index]
-            weight = u_bar if blocks.row_has_mass is None else u_bar.masked_fill(~blocks.row_has_mass, 0.0)
+        if step % 2 == 0:  # u = -lse_k(S + v_prev): du = -P dv_prev - P ⊙ dS (summed over keys)
+            if grad_us[index] is not None:
+                u_bar = u_bar + grad_us[index]
+            if not isinstance(u_bar, Tensor):
+                continue  # nothing flows back through this step
+            weight = u_bar if support.row_has_mass is None else u_bar.masked_fill(~support.row_has_mass, 0.0)
             keep = frozen[index - 1] if frozen and index > 0 else None
             if keep is None:
-                u_bar = torch.zeros_like(u_bar)
+                u_bar = 0
             else:  # a frozen entry kept the previous u: its gradient flows there unchanged
                 weight = weight.masked_fill(keep, 0.0)
                 u_bar = u_bar.masked_fill(~keep, 0.0)
-            row_shift, column_shift = us[index], (vs[index - 1] if index > 0 else 0.0)
-            need_reduction = index > 0  # v_{-1} = 0 is a constant
-            reduced = []
-            for block in range(len(blocks.slices)):
-                if not need_reduction and grad_dense is None:
-                    break
-                plan = blocks.logits(block, row_shift, column_shift, column=False).exp_()
-                part = weight[..., blocks.slices[block], :]
-                if need_reduction:
-                    reduced.append(torch.matmul(part.transpose(-1, -2), plan))
-                if grad_dense is not None:
-                    grad_dense.addcmul_(plan, part, value=-1)
-            if need_reduction:
-                v_bar = v_bar - sum(reduced).sum_to_size(v_bar.shape)
-            if grad_dense is None:
-                terms.append((weight, row_shift, column_shift, False))
-        else:  # v_index = log t - lse_q(S + u_index); Q = exp(S + u + v - log t)
-            v_bar = v_bar + grad_vs[index]
-            weight = v_bar if blocks.column_has_mass is None else v_bar.masked_fill(~blocks.column_has_mass, 0.0)
+            if index > 0:  # v_{-1} = 0 is a constant
+                v_bar = v_bar - plans[step].rtimes(weight)
+            terms.append((plans[step], weight, None))
+        else:  # v = log t - lse_q(S + u_prev)
+            if grad_vs[index] is not None:
+                v_bar = v_bar + grad_vs[index]
+            if not isinstance(v_bar, Tensor):
+                continue
+            mass = support.column_has_mass
+            weight = v_bar if mass is None else v_bar.masked_fill(~mass, 0.0)
             keep = frozen[index] if frozen else None
             if keep is None:
-                v_bar = torch.zeros_like(v_bar)
+                v_bar = 0
             else:
                 weight = weight.masked_fill(keep, 0.0)
                 v_bar = v_bar.masked_fill(~keep, 0.0)
-            row_shift, column_shift = us[index], vs[index] - blocks.log_target
-            parts = []
-            for block in range(len(blocks.slices)):
-                plan = blocks.logits(block, row_shift, column_shift, column=True).exp_()
-                parts.append(torch.matmul(plan, weight.transpose(-1, -2)))
-                if grad_dense is not None:
-                    grad_dense.addcmul_(plan, weight, value=-1)
-            u_bar = u_bar - torch.cat(parts, -2).sum_to_size(u_bar.shape)
-            if grad_dense is None:
-                terms.append((weight, row_shift, column_shift, True))
-    if grad_dense is not None:
-        return lambda block: grad_dense
-
-    def grad_block(block: int) -> Tensor:
-        rows = blocks.slices[block]
-        total = None
-        for weight, row_shift, column_shift, column in terms:
-            plan = blocks.logits(block, row_shift, column_shift, column=column).exp_()
-            part = weight if column else weight[..., rows, :]
-            total = plan.mul_(part).neg_() if total is None else total.addcmul_(plan, part, value=-1)
-        return total
-
-    return grad_block
+            u_bar = u_bar - plans[step].times(weight)
+            terms.append((plans[step], None, weight))
+    return terms
 
 
-class SinkhornPotentials(torch.autograd.Function):
-    """(query, key, bias, allowed, query_valid, options) -> (u_all (R, ..., Lq, 1), v_all (C, ..., 1, Lk)):
-    the row potential after each row step and the column potential after each column step, R + C = steps.
-
-    Saves query, key, bias, the masks, the iterates and (dense mode only) S: nothing that grows with K·N².
-    """
-
-    @staticmethod
-    def forward(ctx, query, key, bias, allowed, query_valid, options: PotentialOptions):
-        blocks = ScoreBlocks(query, key, bias, allowed, query_valid, options.scale, options.block_size)
-        us, vs, frozen = _half_steps(blocks, options.steps, options.tolerance)
-        ctx.options = options
-        ctx.n_frozen = len(frozen)
-        ctx.n_us = len(us)
-        ctx.save_for_backward(query, key, bias, allowed, query_valid, blocks.cached_scores, *us, *vs, *frozen)
-        u_all = torch.stack(us)
-        n_k = key.shape[-2]
-        v_all = torch.stack(vs) if vs else u_all.new_zeros(0, *blocks.batch_shape, 1, n_k)
-        return u_all, v_all
-
-    @staticmethod
-    def backward(ctx, grad_us, grad_vs):
-        query, key, bias, allowed, query_valid, scores, *rest = ctx.saved_tensors
-        options: PotentialOptions = ctx.options
-        us, rest = rest[: ctx.n_us], rest[ctx.n_us :]
-        vs, frozen = rest[: len(rest) - ctx.n_frozen], rest[len(rest) - ctx.n_frozen :]
-        blocks = ScoreBlocks(query, key, bias, allowed, query_valid, options.scale, options.block_size, scores)
-        grads = {
-            "query": torch.zeros_like(query) if ctx.needs_input_grad[0] else None,
-            "key": torch.zeros_like(key) if ctx.needs_input_grad[1] else None,
-            "bias": torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None,
-        }
-        if options.backward == "implicit" and vs:
-            grad_block = implicit_grad_scores(blocks, us[-1], vs[-1], grad_us.sum(0), grad_vs.sum(0), options.solver)
+def step_plans(blocks: ScoreBlocks, us: list[Tensor], vs: list[Tensor]) -> list[BlockPlan]:
+    """The plan of every half-step, from the saved iterates."""
+    plans = []
+    for step in range(len(us) + len(vs)):
+        index = step // 2
+        if step % 2 == 0:
+            plans.append(BlockPlan(blocks, us[index], vs[index - 1] if index > 0 else 0.0, column=False))
         else:
-            grad_block = _unrolled_grad_scores(blocks, list(us), list(vs), list(frozen), grad_us, grad_vs)
-        for block in range(len(blocks.slices)):
-            blocks.contract(block, grad_block(block), grads)
-        return grads["query"], grads["key"], grads["bias"], None, None, None
+            plans.append(BlockPlan(blocks, us[index], vs[index] - blocks.log_target, column=True))
+    return plans
 
 
-def potentials(
-    query: Tensor,
-    key: Tensor,
-    bias: Tensor | None,
-    allowed: Tensor | None,
-    query_valid: Tensor | None,
-    options: PotentialOptions,
-) -> tuple[Tensor, Tensor]:
-    """Differentiable Sinkhorn iterates of S = scale·query keyᵀ + bias; see :class:`SinkhornPotentials`."""
-    if options.backward not in BACKWARD_MODES:
-        raise ValueError(f"sinkhorn backward must be one of {BACKWARD_MODES}, got {options.backward!r}")
-    if options.steps < 1:
-        raise ValueError(f"sinkhorn potentials need at least one half-step, got {options.steps}")
-    return SinkhornPotentials.apply(query, key, bias, allowed, query_valid, options)
+def grad_block(terms, index: int, out: Tensor) -> Tensor:
+    """dS on block ``index`` of BlockPlan terms, written into ``out`` (..., rows, Lk)."""
+    rows = terms[0][0].blocks.slices[index]
+    for position, (plan, left, right) in enumerate(terms):
+        weight = left[..., rows, :] if right is None else right if left is None else left[..., rows, :] * right
+        plan_block = plan.block(index)
+        if position == 0:
+            torch.mul(plan_block, weight, out=out).neg_()
+        else:
+            out.addcmul_(plan_block, weight, value=-1)
+    return out

@@ -1,0 +1,102 @@
+"""Sinkhorn attention output, by one of three routes that compute the same thing.
+
+- K = 1 is SoftMax: plain ``scaled_dot_product_attention``.
+- Dense (below the streaming threshold, or when the weights are asked for): one autograd Function that
+  materialises A once, in the kernel domain, with its own backward (:mod:`.dense`).
+- Streaming (long sequences): score blocks with an online logsumexp for the K steps and a fused SDPA call with
+  the last column potential as a key bias for the final pass; never an N×N matrix (:mod:`.streaming`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .dense import DenseOptions, dense_attention
+from .implicit import ImplicitSolver
+from .settings import SinkhornSettings
+from .streaming import StreamingOptions, StreamingSinkhornAttention, sdpa_mask
+
+MIN_BLOCK_ROWS = 16  # below this, per-block overhead dominates
+
+
+def block_size_for(settings: SinkhornSettings, n_q: int, n_k: int, head_dim: int) -> int | None:
+    """Queries per score block: None (dense) unless streaming is on, or "auto" and max(n_q, n_k) reaches
+    ``settings.streaming_threshold``; then ``settings.block_size``, or as many rows as keep a block of scores
+    (rows·n_k) within half the size of Q (n_q·head_dim), so that extra memory stays O(N·D) per head."""
+    stream = settings.streaming is True or (
+        settings.streaming == "auto" and max(n_q, n_k) >= settings.streaming_threshold
+    )
+    if not stream:
+        return None
+    if settings.block_size is not None:
+        return settings.block_size
+    return max(MIN_BLOCK_ROWS, n_q * head_dim // (2 * n_k))
+
+
+def sinkhorn_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    allowed: Tensor | None = None,
+    bias: Tensor | None = None,
+    query_valid: Tensor | None = None,
+    scale: float | None = None,
+    settings: SinkhornSettings | None = None,
+    dropout: float = 0.0,
+    return_weights: bool = False,
+    solver: ImplicitSolver | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """out = Sinkhorn_K(scale·QKᵀ + bias) V, in float32 (float64 stays float64), cast back to value's dtype.
+
+    query (..., Lq, D), key (..., Lk, D), value (..., Lk, Dv); ``allowed`` bool broadcastable to (..., Lq, Lk)
+    or None (everything), ``bias`` float broadcastable likewise or None, ``query_valid`` bool (..., Lq, 1) or
+    None (every query; invalid ones are left out of the column marginals). ``dropout`` is applied to the
+    attention weights (pass 0 in eval). Returns the output (..., Lq, Dv) and, if ``return_weights``, the
+    weights (..., Lq, Lk) in the compute dtype (this path materialises them).
+    """
+    settings = settings or SinkhornSettings()
+    if query.shape[:-2] != key.shape[:-2] or key.shape[:-1] != value.shape[:-1]:
+        raise ValueError(
+            "sinkhorn attention expects query (..., Lq, D), key (..., Lk, D) and value (..., Lk, Dv) with the same "
+            f"leading dims, got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    compute = torch.promote_types(query.dtype, torch.float32)  # half precision would lose the marginals
+    q, k, v = query.to(compute), key.to(compute), value.to(compute)
+    bias = None if bias is None else bias.to(compute)
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    iterations = settings.iterations
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    block_size = block_size_for(settings, n_q, n_k, q.shape[-1])
+    solver = solver or ImplicitSolver()
+    if iterations == 1 and not return_weights:  # SoftMax
+        output = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=sdpa_mask(allowed, bias), dropout_p=dropout, scale=scale
+        )
+        if allowed is not None:  # a query with no allowed key gets zeros, as in the reference
+            output = output.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
+        return output.to(value.dtype), None
+    if return_weights or block_size is None:
+        dense = DenseOptions(
+            scale=scale,
+            iterations=iterations,
+            tolerance=settings.tolerance,
+            backward=settings.backward,
+            dropout=dropout,
+            return_weights=return_weights,
+            solver=solver,
+        )
+        output, weights = dense_attention(q, k, v, bias, allowed, query_valid, dense)
+        return output.to(value.dtype), weights
+    streaming = StreamingOptions(
+        scale=scale,
+        iterations=iterations,
+        block_size=block_size,
+        tolerance=settings.tolerance,
+        backward=settings.backward,
+        dropout=dropout,
+        solver=solver,
+    )
+    output = StreamingSinkhornAttention.apply(q, k, v, bias, allowed, query_valid, streaming)
+    return output.to(value.dtype), None

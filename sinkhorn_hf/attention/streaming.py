@@ -1,0 +1,152 @@
+"""Streaming Sinkhorn attention: no N×N matrix is ever held, and the last pass is PyTorch's fused SDPA.
+
+The half-steps run on blocks of query rows (:mod:`.blocks`, online logsumexp across blocks), always ending on a
+row step. When K is odd that step is the last one of the algorithm, and A = softmax_k(S + 1bᵀ) with b the last
+column potential: one ``scaled_dot_product_attention`` call with b as an additive key bias gives the output, and
+its fused backward gives dQ, dK, dV. For even K the last step is a column step: A = diag(exp(u_{K-1} - u'))
+softmax_k(S + 1bᵀ) with u' = -lse_k(S + b) one extra row step, so SDPA's output is rescaled per query.
+
+b is passed to SDPA without gradient; its gradient, the column sums of SDPA's dS, is
+Σ_q P_qk dO_q·(V_k - O_q) = V_k·dV_k - (Pᵀ D)_k with D_q = dO_q·O_q and P = exp(S + b + u'), one more pass over
+the blocks. It then flows back through the half-steps, whose contributions to dQ and dK are added in place to
+SDPA's. Extra memory beyond SDPA's own: two score blocks and O(K·N) iterates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .blocks import BlockPlan, ScoreBlocks
+from .implicit import ImplicitSolver, implicit_terms
+from .potentials import grad_block, half_steps, step_plans, unrolled_terms
+from .sinkhorn import MASKED_LOGIT
+
+
+@dataclass(frozen=True)
+class StreamingOptions:
+    """``iterations`` K >= 2 (rows first), ``tolerance``, ``backward`` ("unrolled" or "implicit"),
+    ``block_size`` queries per score block, attention ``dropout`` probability."""
+
+    scale: float
+    iterations: int
+    block_size: int
+    tolerance: float | None = None
+    backward: str = "unrolled"
+    dropout: float = 0.0
+    solver: ImplicitSolver = ImplicitSolver()
+
+
+def sdpa_mask(allowed: Tensor | None, bias: Tensor | None, key_bias: Tensor | None = None) -> Tensor | None:
+    """The ``attn_mask`` for SDPA: the support, an additive bias and a per-key bias (..., 1, Lk).
+
+    A support that is the same for every query (padding masks) and no bias stay (..., 1, Lk): SDPA's fused
+    kernels broadcast it without an N×N mask. Masked entries get MASKED_LOGIT (finite: a query with no allowed
+    key gets a finite, uniform row, which the caller zeroes).
+    """
+    if bias is None and key_bias is None:
+        return allowed
+    if allowed is not None and bias is None and key_bias is not None:
+        allowed = _same_for_every_query(allowed)
+    mask = 0.0 if bias is None else bias
+    if key_bias is not None:
+        mask = mask + key_bias
+    return mask if allowed is None else torch.where(allowed, mask, MASKED_LOGIT)
+
+
+def _same_for_every_query(allowed: Tensor) -> Tensor:
+    if allowed.shape[-2] > 1 and bool((allowed == allowed[..., :1, :]).all()):
+        return allowed[..., :1, :]
+    return allowed
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """Σ_d a ⊙ b per row, (..., L, D) -> (..., L, 1), without an (..., L, D) temporary."""
+    return torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1)).squeeze(-1)
+
+
+def _zero_rows_without_mass(output: Tensor, allowed: Tensor | None) -> Tensor:
+    return output if allowed is None else output.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
+
+
+class StreamingSinkhornAttention(torch.autograd.Function):
+    """(query, key, value, bias, allowed, query_valid, options) -> output (..., Lq, Dv)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, bias, allowed, query_valid, options: StreamingOptions):
+        blocks = ScoreBlocks(query, key, bias, allowed, query_valid, options.scale, options.block_size)
+        steps = options.iterations + (options.iterations + 1) % 2  # always end on a row step
+        us, vs, frozen = half_steps(blocks, steps, options.tolerance)
+        # SDPA on detached leaves: its graph lives as long as ours (so backward can run more than once).
+        needs = list(ctx.needs_input_grad[:4])
+        needs[2] = needs[2] or needs[0] or needs[1] or needs[3]  # dV is also needed for the key bias gradient
+        with torch.enable_grad():
+            leaves = [
+                None if x is None else x.detach().requires_grad_(need)
+                for x, need in zip((query, key, value, bias), needs, strict=True)
+            ]
+            inner = torch.nn.functional.scaled_dot_product_attention(
+                *leaves[:3],
+                attn_mask=sdpa_mask(allowed, leaves[3], vs[-1]),
+                dropout_p=options.dropout,
+                scale=options.scale,
+            )
+        ctx.inner = (leaves, inner)
+        ctx.options = options
+        ctx.counts = (len(us), len(vs))
+        ctx.save_for_backward(query, key, value, bias, allowed, query_valid, *us, *vs, *frozen)
+        output = inner.detach()
+        if options.iterations % 2 == 0:
+            output = output * (us[-2] - us[-1]).exp()
+        return _zero_rows_without_mass(output, allowed)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query, key, value, bias, allowed, query_valid, *rest = ctx.saved_tensors
+        leaves, inner = ctx.inner
+        options: StreamingOptions = ctx.options
+        n_us, n_vs = ctx.counts
+        us, vs, frozen = list(rest[:n_us]), list(rest[n_us : n_us + n_vs]), list(rest[n_us + n_vs :])
+        blocks = ScoreBlocks(query, key, bias, allowed, query_valid, options.scale, options.block_size)
+        grad_output = _zero_rows_without_mass(grad_output, allowed)
+        grad_us = [None] * n_us
+        if options.iterations % 2 == 0:  # output = r ⊙ inner with log r = u_{K-1} - u'
+            rescale = (us[-2] - us[-1]).exp()
+            grad_log_rescale = _rowdot(grad_output, inner.detach()) * rescale
+            grad_us[-2], grad_us[-1] = grad_log_rescale, -grad_log_rescale
+            grad_output = grad_output * rescale
+        wanted = [leaf for leaf in leaves if leaf is not None and leaf.requires_grad]
+        grads = dict(
+            zip(map(id, wanted), torch.autograd.grad(inner, wanted, grad_output, retain_graph=True), strict=True)
+        )
+        grad_query, grad_key, grad_value, grad_bias = (None if leaf is None else grads.get(id(leaf)) for leaf in leaves)
+        if not ctx.needs_input_grad[2]:
+            grad_value, value_grad_for_bias = None, grad_value
+        else:
+            value_grad_for_bias = grad_value
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[3]):
+            return None, None, grad_value, None, None, None, None
+        # Gradient of the key bias: column sums of SDPA's dS = V_k·dV_k - (Pᵀ D)_k.
+        product = _rowdot(grad_output, inner.detach())
+        grad_bias_key = _rowdot(value, value_grad_for_bias).transpose(-1, -2)
+        grad_bias_key = grad_bias_key - BlockPlan(blocks, us[-1], vs[-1], column=False).rtimes(product)
+        grad_vs = [None] * (n_vs - 1) + [grad_bias_key]
+
+        if options.backward == "implicit":
+            final = BlockPlan(blocks, us[-1], vs[-1], column=False)
+            grad_u = sum(g for g in grad_us if g is not None) if any(g is not None for g in grad_us) else None
+            grad_u = torch.zeros_like(us[-1]) if grad_u is None else grad_u
+            terms = implicit_terms(final, grad_u, grad_bias_key, blocks.support, options.solver)
+        else:
+            terms = unrolled_terms(step_plans(blocks, us, vs), frozen, grad_us, grad_vs, blocks.support)
+        targets = {"query": grad_query, "key": grad_key, "bias": grad_bias}
+        if grad_bias is None and bias is not None and ctx.needs_input_grad[3]:
+            targets["bias"] = torch.zeros_like(bias)
+        if terms:
+            accumulator = torch.empty_like(blocks.scratch(0))
+            for index, rows in enumerate(blocks.slices):
+                out = accumulator[..., : rows.stop - rows.start, :]
+                blocks.contract(index, grad_block(terms, index, out), targets)
+        return targets["query"], targets["key"], grad_value, targets["bias"], None, None, None
