@@ -120,8 +120,15 @@ class TrainerArguments:
     )
     greater_is_better: bool = True
     dataloader_num_workers: int = 0
+    push_to_hub: bool = field(
+        default=False, metadata={"help": "write a model card and upload --output_dir to --hub_model_id at the end"}
+    )
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository id, e.g. user/model-name"})
+    hub_private_repo: bool = False
 
     def __post_init__(self) -> None:
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id (e.g. user/bert-sinkhorn-sst2)")
         if self.checkpointing_steps is not None and self.checkpointing_steps != "epoch":
             if not self.checkpointing_steps.isdigit() or int(self.checkpointing_steps) < 1:
                 raise ValueError(

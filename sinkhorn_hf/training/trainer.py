@@ -342,4 +342,10 @@ class Trainer:
         }
         if acc.is_main_process:
             write_results(self.args.output_dir, results)
+            if self.args.push_to_hub:
+                from ..hub import push, write_card
+
+                write_card(self.args.output_dir, repo_id=self.args.hub_model_id)
+                report = push(self.args.output_dir, self.args.hub_model_id, private=self.args.hub_private_repo)
+                tqdm.write(f"pushed {len(report.files)} files to {self.args.hub_model_id}")
         return results

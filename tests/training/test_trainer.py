@@ -172,3 +172,30 @@ def test_early_stopping_on_an_unknown_metric_is_an_error(tiny_bert, sst2_files, 
 def test_bad_trainer_arguments(bad, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         TrainerArguments(output_dir=str(tmp_path), **bad)
+
+
+def test_push_to_hub_writes_a_card_and_uploads_the_run(tiny_bert, sst2_files, tmp_path, monkeypatch):
+    from transformers import HfArgumentParser
+
+    import sinkhorn_hf.hub
+    from sinkhorn_hf.training.glue import GlueDataArguments, run_glue
+
+    real_push, pushed = sinkhorn_hf.hub.push, []
+
+    def offline_push(run_dir, repo_id, *, private):
+        pushed.append((repo_id, private))
+        return real_push(run_dir, repo_id, private=private, dry_run=True)  # checks the card, selects files
+
+    monkeypatch.setattr(sinkhorn_hf.hub, "push", offline_push)
+    parser = HfArgumentParser((ModelArguments, GlueDataArguments, TrainerArguments))
+    flags = [
+        "--model_name_or_path", str(tiny_bert), "--task_name", "sst2", "--train_file", str(sst2_files[0]),
+        "--validation_file", str(sst2_files[1]), "--output_dir", str(tmp_path), "--max_train_steps", "2",
+        "--attn_implementation", "sinkhorn", "--push_to_hub", "--hub_model_id", "someone/tiny-sinkhorn-sst2",
+    ]  # fmt: skip
+    run_glue(*parser.parse_args_into_dataclasses(flags))
+    assert pushed == [("someone/tiny-sinkhorn-sst2", False)]
+    card = (tmp_path / "README.md").read_text()
+    assert "sinkhorn" in card and "someone/tiny-sinkhorn-sst2" in card
+    with pytest.raises(ValueError, match="--push_to_hub needs --hub_model_id"):
+        TrainerArguments(output_dir=str(tmp_path), push_to_hub=True)
