@@ -10,6 +10,7 @@ run as before, and the state dict is untouched.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -104,6 +105,19 @@ class AdjointStack:
         for layer in self._patched:
             del layer.forward
         del self.stack.owner._sinkhorn_adjoint
+
+    def request_probe(self) -> None:
+        """Measure rebuild errors (into ``self.reconstruction``) on the next pass, with or without grad."""
+        self._probe_requested = True
+
+    @contextmanager
+    def storing_every_input(self):
+        """Exact backprop of the same forward rule (every layer stores its input), e.g. as a reference."""
+        self._override_store_all = True
+        try:
+            yield
+        finally:
+            self._override_store_all = False
 
     def _begin_pass(self, module: nn.Module, args: Any) -> None:
         self._pass = _Pass()

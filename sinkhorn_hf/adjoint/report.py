@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,28 +74,25 @@ def probe_adjoint(
     chosen_tolerance = tolerance if tolerance is not None else (restore["tolerance"] if restore else DEFAULT_TOLERANCE)
     if chosen_scheme == "off":
         raise ValueError("probe_adjoint needs an adjoint scheme; the model's scheme is 'off'.")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("probe_adjoint needs trainable parameters; all of the model's are frozen.")
     temporary = scheme is not None or tolerance is not None or not previous
     if temporary:
         enable_adjoint(model, chosen_scheme, chosen_tolerance)
     stacks = adjoint_stacks(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("probe_adjoint needs trainable parameters; all of the model's are frozen.")
     try:
         with torch.random.fork_rng(devices=_devices(params)):
             rng = torch.get_rng_state(), _accel_states(params)
             for stack in stacks:
-                stack._probe_requested = True
+                stack.request_probe()
             with torch.no_grad():
                 model(**batch)
             _set_rng(rng, params)
-            for stack in stacks:
-                stack._override_store_all = True
-            try:
-                exact = _grads(model, batch, params)
-            finally:
+            with ExitStack() as exact_mode:
                 for stack in stacks:
-                    stack._override_store_all = False
+                    exact_mode.enter_context(stack.storing_every_input())
+                exact = _grads(model, batch, params)
             _set_rng(rng, params)
             adjoint = _grads(model, batch, params)
     finally:

@@ -126,6 +126,16 @@ def test_probe_leaves_grads_and_rng_alone():
     assert stored.grad_rel_error < 1e-6
 
 
+def test_probe_refuses_frozen_models_and_off():
+    model, inputs = tiny_model("bert")
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="needs trainable parameters"):
+        probe_adjoint(model, inputs)
+    with pytest.raises(ValueError, match="needs an adjoint scheme"):
+        probe_adjoint(model, inputs, scheme="off")
+    assert adjoint_stacks(model) == []
+
+
 def test_public_api_is_exported():
     assert sinkhorn_hf.enable_adjoint is enable_adjoint
     assert {"enable_adjoint", "disable_adjoint", "probe_adjoint"} <= set(sinkhorn_hf.__all__)
