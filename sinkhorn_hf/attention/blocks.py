@@ -76,7 +76,7 @@ class ScoreBlocks:
 
     query (..., Lq, D), key (..., Lk, D), float; ``bias`` broadcastable to (..., Lq, Lk) or None; ``allowed``
     bool broadcastable to (..., Lq, Lk) or None (everything); ``query_valid`` bool (..., Lq, 1) or None (every
-    query). ``block_size`` queries per block (None: one block). ``scores``: S itself when already computed.
+    query). ``block_size`` queries per block (None: one block).
     """
 
     def __init__(
@@ -88,7 +88,6 @@ class ScoreBlocks:
         query_valid: Tensor | None,
         scale: float,
         block_size: int | None,
-        scores: Tensor | None = None,
     ) -> None:
         self.query, self.key, self.bias, self.scale = query, key, bias, scale
         self.allowed, self.query_valid = allowed, query_valid
@@ -99,9 +98,7 @@ class ScoreBlocks:
         self.batch_shape = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2])
         # One reusable (..., block, Lk) buffer: fresh N² allocations cost page faults on every pass.
         self._scratch = torch.empty(*self.batch_shape, size, n_k, dtype=query.dtype, device=query.device)
-        self._scores = scores
-        if self._scores is None and self.dense:
-            self._scores = self._compute(self.slices[0], torch.empty_like(self._scratch))
+        self._scores = self._compute(self.slices[0], torch.empty_like(self._scratch)) if self.dense else None
         self._blocked: dict[tuple[int, bool], Tensor | None] = {}
 
         self.support = marginal_support(allowed, query_valid, n_q, n_k, query.dtype, size)
@@ -114,11 +111,6 @@ class ScoreBlocks:
         torch.matmul(self.query[..., rows, :] * self.scale, self.key.transpose(-1, -2), out=out)
         bias = _rows(self.bias, rows)
         return out if bias is None else out.add_(bias)
-
-    @property
-    def cached_scores(self) -> Tensor | None:
-        """S (..., Lq, Lk) in the dense mode, None when streaming."""
-        return self._scores
 
     def scratch(self, index: int) -> Tensor:
         """The shared (..., rows, Lk) buffer for block ``index``: valid until the next call that uses it."""

@@ -13,6 +13,7 @@ Dropout and returning the weights happen inside the Function; it saves E, the it
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +21,36 @@ from torch import Tensor
 
 from .blocks import BlockPlan, MarginalSupport, ScoreBlocks, marginal_support
 from .implicit import ImplicitSolver, implicit_terms
-from .potentials import grad_block, unrolled_terms
+from .potentials import grad_block, half_steps, unrolled_terms
 from .sinkhorn import MASKED_LOGIT
+
+
+class Workspace:
+    """Scratch (..., Lq, Lk) buffers reused from one call to the next, one per (purpose, shape, dtype) and thread.
+
+    On CPU every fresh N² buffer costs a page fault per 4 KiB page on first touch (glibc hands large blocks
+    back to the system on free), which is a third of the dense route's time at N=512. Only buffers that never
+    leave a forward or backward call come from here; the kernel E that is saved for backward does not. CUDA has
+    its own caching allocator, so there this is plain ``torch.empty``. ``clear()`` frees the cached buffers.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def get(self, purpose: str, like: Tensor) -> Tensor:
+        if like.device.type != "cpu":
+            return torch.empty_like(like)
+        cache = self._local.__dict__.setdefault("buffers", {})
+        key = (purpose, like.shape, like.dtype)
+        if key not in cache:
+            cache[key] = torch.empty_like(like)
+        return cache[key]
+
+    def clear(self) -> None:
+        self._local.__dict__.pop("buffers", None)
+
+
+WORKSPACE = Workspace()
 
 
 @dataclass(frozen=True)
@@ -128,51 +157,35 @@ class _Problem:
 
 def _half_steps(problem: _Problem, kernel: Tensor, row_max: Tensor, iterations: int, tolerance: float | None):
     """The K half-steps, each a product with E unless its sums fall below the accuracy bound (then the log-domain
-    step on the scores). Returns the iterates us, vs and the converged masks after each column step."""
-    support = problem.support
-    rows_mass, columns_mass = support.row_has_mass, support.column_has_mass
+    step on the scores)."""
+    rows_mass, columns_mass = problem.support.row_has_mass, problem.support.column_has_mass
     n_q, n_k = kernel.shape[-2:]
+
+    def row_lse(v: Tensor) -> Tensor:  # m + c + log Σ_k E e^{v - c}
+        shift = v.amax(-1, keepdim=True)
+        y = (v - shift).exp()
+        sums = torch.matmul(kernel, y.transpose(-1, -2))
+        x = sums.reciprocal()
+        if rows_mass is not None:
+            x = x.masked_fill(~rows_mass, 0.0)
+        return row_max + shift + sums.log() if _safe(x, y, n_k) else problem.blocks.row_lse(v)
+
+    def column_lse(u: Tensor) -> Tensor:  # d + log Σ_q e^{m + u - d} E, over the marginal rows
+        alpha = row_max + u
+        if problem.marginal_rows is not None:
+            alpha = alpha.masked_fill(~problem.marginal_rows, float("-inf"))
+        shift = alpha.amax(-2, keepdim=True)
+        shift = torch.where(torch.isfinite(shift), shift, 0.0)
+        z = (alpha - shift).exp()
+        sums = torch.matmul(z.transpose(-1, -2), kernel)
+        y = sums.reciprocal()
+        if columns_mass is not None:
+            y = y.masked_fill(~columns_mass, 0.0)
+        return shift + sums.log() if _safe(z, y, n_q) else problem.blocks.column_lse(u)
+
     u = kernel.new_zeros(*kernel.shape[:-1], 1)
     v = kernel.new_zeros(*kernel.shape[:-2], 1, n_k)
-    us, vs, frozen = [], [], []
-    converged = None
-    for step in range(iterations):
-        if step % 2 == 0:  # lse_k(S + v) = m + c + log Σ_k E e^{v - c}
-            shift = v.amax(-1, keepdim=True)
-            y = (v - shift).exp()
-            sums = torch.matmul(kernel, y.transpose(-1, -2))
-            x = sums.reciprocal()
-            if rows_mass is not None:
-                x = x.masked_fill(~rows_mass, 0.0)
-            lse = row_max + shift + sums.log() if _safe(x, y, n_k) else problem.blocks.row_lse(v)
-            new_u = -lse if rows_mass is None else (-lse).masked_fill(~rows_mass, 0.0)
-            u = new_u if converged is None else torch.where(converged, u, new_u)
-            us.append(u)
-        else:  # lse_q(S + u) = d + log Σ_q e^{m + u - d} E, over the marginal rows
-            alpha = row_max + u
-            if problem.marginal_rows is not None:
-                alpha = alpha.masked_fill(~problem.marginal_rows, float("-inf"))
-            shift = alpha.amax(-2, keepdim=True)
-            shift = torch.where(torch.isfinite(shift), shift, 0.0)
-            z = (alpha - shift).exp()
-            sums = torch.matmul(z.transpose(-1, -2), kernel)
-            y = sums.reciprocal()
-            if columns_mass is not None:
-                y = y.masked_fill(~columns_mass, 0.0)
-            lse = shift + sums.log() if _safe(z, y, n_q) else problem.blocks.column_lse(u)
-            if tolerance is not None:
-                error = ((lse + v - support.log_target).exp() - 1).abs()
-                if columns_mass is not None:
-                    error = error.masked_fill(~columns_mass, 0.0)
-                now = error.amax(dim=-1, keepdim=True) <= tolerance
-                converged = now if converged is None else converged | now
-                frozen.append(converged)
-            new_v = support.log_target - lse
-            if columns_mass is not None:
-                new_v = new_v.masked_fill(~columns_mass, 0.0)
-            v = new_v if converged is None else torch.where(converged, v, new_v)
-            vs.append(v)
-    return us, vs, frozen
+    return half_steps(iterations, row_lse, column_lse, u, v, problem.support, tolerance)
 
 
 def _step_plans(problem: _Problem, kernel: Tensor, row_max: Tensor, us, vs) -> list:
@@ -218,7 +231,9 @@ class DenseSinkhornAttention(torch.autograd.Function):
         kernel, row_max = problem.kernel()
         us, vs, frozen = _half_steps(problem, kernel, row_max, options.iterations, options.tolerance)
         final = problem.plan(kernel, row_max, us[-1], vs[-1] if vs else 0.0, column=False)
-        weights = final.block(0, torch.empty_like(kernel))
+        weights = final.block(
+            0, torch.empty_like(kernel) if options.return_weights else WORKSPACE.get("weights", kernel)
+        )
         keep = None
         if options.dropout > 0:
             keep = torch.empty_like(weights, dtype=torch.bool).bernoulli_(1 - options.dropout)
@@ -244,14 +259,14 @@ class DenseSinkhornAttention(torch.autograd.Function):
         support = marginal_support(allowed, query_valid, n_q, n_k, query.dtype, n_q)
         problem = _Problem(query, key, bias, allowed, query_valid, options.scale, support)
         final = problem.plan(kernel, row_max, us[-1], vs[-1] if vs else 0.0, column=False)
-        scratch = torch.empty_like(kernel)
+        scratch = WORKSPACE.get("scratch", kernel)
         if weights is None:  # recompute the (dropped-out) weights: two passes over E
             weights = final.block(0, scratch)
             if keep is not None:
                 weights.masked_fill_(~keep, 0.0).mul_(1 / (1 - options.dropout))
         grad_value = torch.matmul(weights.transpose(-1, -2), grad_output) if ctx.needs_input_grad[2] else None
         # d log A = A ⊙ dA; the dropped-out weights carry the dropout mask and rescaling.
-        grad_scores = torch.matmul(grad_output, value.transpose(-1, -2))
+        grad_scores = torch.matmul(grad_output, value.transpose(-1, -2), out=WORKSPACE.get("grad", kernel))
         if grad_weights is not None:
             grad_scores.add_(grad_weights)
         grad_scores.mul_(weights)
@@ -274,6 +289,8 @@ class DenseSinkhornAttention(torch.autograd.Function):
             grad_key = torch.matmul(grad_scores.transpose(-1, -2), query).mul_(options.scale)
         if bias is not None and ctx.needs_input_grad[3]:
             grad_bias = grad_scores.sum_to_size(bias.shape)
+            if grad_bias.data_ptr() == grad_scores.data_ptr():  # nothing summed: do not hand out the workspace
+                grad_bias = grad_bias.clone()
         return grad_query, grad_key, grad_value, grad_bias, None, None, None
 
 

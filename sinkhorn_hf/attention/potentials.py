@@ -10,43 +10,62 @@ v = log t - lse_q(S + u) has Jacobian -Q with Q = exp(S + u + v - log t) (valid 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from .blocks import BlockPlan, MarginalSupport, ScoreBlocks
 
 
-def half_steps(blocks: ScoreBlocks, steps: int, tolerance: float | None):
-    """Iterates of the K half-steps: u after each row step, v after each column step, and the converged mask
-    (..., 1, 1) after each column step (None without a tolerance)."""
-    dtype, device = blocks.query.dtype, blocks.query.device
-    n_q, n_k = blocks.query.shape[-2], blocks.key.shape[-2]
-    u = torch.zeros(*blocks.batch_shape, n_q, 1, dtype=dtype, device=device)
-    v = torch.zeros(*blocks.batch_shape, 1, n_k, dtype=dtype, device=device)
+def half_steps(
+    steps: int,
+    row_lse: Callable[[Tensor], Tensor],
+    column_lse: Callable[[Tensor], Tensor],
+    u: Tensor,
+    v: Tensor,
+    support: MarginalSupport,
+    tolerance: float | None,
+):
+    """The iterates of ``steps`` half-steps (rows first) from u = 0 (..., Lq, 1), v = 0 (..., 1, Lk).
+
+    ``row_lse(v)``: lse_k(S + v) over allowed keys (..., Lq, 1); ``column_lse(u)``: lse_q(S + u) over the column
+    support (..., 1, Lk). Returns u after each row step, v after each column step, and the converged mask
+    (..., 1, 1) after each column step (empty without a tolerance): once a (batch, head) entry's column sums are
+    within ``tolerance`` of their target it stops updating (checked on device, no host synchronisation).
+    """
     us, vs, frozen = [], [], []
     converged = None
     for step in range(steps):
         if step % 2 == 0:
-            new_u = -blocks.row_lse(v)
-            if blocks.row_has_mass is not None:
-                new_u = new_u.masked_fill(~blocks.row_has_mass, 0.0)
+            new_u = -row_lse(v)
+            if support.row_has_mass is not None:
+                new_u = new_u.masked_fill(~support.row_has_mass, 0.0)
             u = new_u if converged is None else torch.where(converged, u, new_u)
             us.append(u)
         else:
-            lse = blocks.column_lse(u)
-            if tolerance is not None:
-                error = ((lse + v - blocks.log_target).exp() - 1).abs()
-                if blocks.column_has_mass is not None:
-                    error = error.masked_fill(~blocks.column_has_mass, 0.0)
+            lse = column_lse(u)
+            if tolerance is not None:  # the column sums of the current state are exp(lse + v)
+                error = ((lse + v - support.log_target).exp() - 1).abs()
+                if support.column_has_mass is not None:
+                    error = error.masked_fill(~support.column_has_mass, 0.0)
                 now = error.amax(dim=-1, keepdim=True) <= tolerance
                 converged = now if converged is None else converged | now
                 frozen.append(converged)
-            new_v = blocks.log_target - lse
-            if blocks.column_has_mass is not None:
-                new_v = new_v.masked_fill(~blocks.column_has_mass, 0.0)
+            new_v = support.log_target - lse
+            if support.column_has_mass is not None:
+                new_v = new_v.masked_fill(~support.column_has_mass, 0.0)
             v = new_v if converged is None else torch.where(converged, v, new_v)
             vs.append(v)
     return us, vs, frozen
+
+
+def block_half_steps(blocks: ScoreBlocks, steps: int, tolerance: float | None):
+    """half_steps in the log domain on score blocks."""
+    q, k = blocks.query, blocks.key
+    u = q.new_zeros(*blocks.batch_shape, q.shape[-2], 1)
+    v = q.new_zeros(*blocks.batch_shape, 1, k.shape[-2])
+    return half_steps(steps, blocks.row_lse, blocks.column_lse, u, v, blocks.support, tolerance)
 
 
 def unrolled_terms(plans: list, frozen: list[Tensor], grad_us: list, grad_vs: list, support: MarginalSupport):

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .blocks import BlockPlan, ScoreBlocks
 from .implicit import ImplicitSolver, implicit_terms
-from .potentials import grad_block, half_steps, step_plans, unrolled_terms
+from .potentials import block_half_steps, grad_block, step_plans, unrolled_terms
 from .sinkhorn import MASKED_LOGIT
 
 
@@ -78,7 +78,7 @@ class StreamingSinkhornAttention(torch.autograd.Function):
     def forward(ctx, query, key, value, bias, allowed, query_valid, options: StreamingOptions):
         blocks = ScoreBlocks(query, key, bias, allowed, query_valid, options.scale, options.block_size)
         steps = options.iterations + (options.iterations + 1) % 2  # always end on a row step
-        us, vs, frozen = half_steps(blocks, steps, options.tolerance)
+        us, vs, frozen = block_half_steps(blocks, steps, options.tolerance)
         # SDPA on detached leaves: its graph lives as long as ours (so backward can run more than once).
         needs = list(ctx.needs_input_grad[:4])
         needs[2] = needs[2] or needs[0] or needs[1] or needs[3]  # dV is also needed for the key bias gradient
@@ -128,18 +128,17 @@ class StreamingSinkhornAttention(torch.autograd.Function):
             value_grad_for_bias = grad_value
         if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[3]):
             return None, None, grad_value, None, None, None, None
-        # Gradient of the key bias: column sums of SDPA's dS = V_k·dV_k - (Pᵀ D)_k.
-        product = _rowdot(grad_output, inner.detach())
-        grad_bias_key = _rowdot(value, value_grad_for_bias).transpose(-1, -2)
-        grad_bias_key = grad_bias_key - BlockPlan(blocks, us[-1], vs[-1], column=False).rtimes(product)
-        grad_vs = [None] * (n_vs - 1) + [grad_bias_key]
-
-        if options.backward == "implicit":
-            final = BlockPlan(blocks, us[-1], vs[-1], column=False)
-            grad_u = sum(g for g in grad_us if g is not None) if any(g is not None for g in grad_us) else None
-            grad_u = torch.zeros_like(us[-1]) if grad_u is None else grad_u
-            terms = implicit_terms(final, grad_u, grad_bias_key, blocks.support, options.solver)
+        # SDPA's own dS is G - P ⊙ D 1ᵀ with G = A ⊙ dA (A the Sinkhorn weights), P = softmax(S + b) and
+        # D = rowsum(G) = dO·O; colsum(G) = V_k·dV_k. The key bias b gets colsum(G) - Pᵀ D.
+        softmax = BlockPlan(blocks, us[-1], vs[-1], column=False)
+        row_sums = _rowdot(grad_output, inner.detach())
+        column_sums = _rowdot(value, value_grad_for_bias).transpose(-1, -2)
+        if options.backward == "implicit":  # linearise at A = exp(S + u + v), as the dense route does
+            weights = BlockPlan(blocks, us[-1] if options.iterations % 2 else us[-2], vs[-1], column=False)
+            terms = implicit_terms(weights, row_sums, column_sums, blocks.support, options.solver)
+            terms.append((softmax, -row_sums, None))  # SDPA already applied -P ⊙ D 1ᵀ
         else:
+            grad_vs = [None] * (n_vs - 1) + [column_sums - softmax.rtimes(row_sums)]
             terms = unrolled_terms(step_plans(blocks, us, vs), frozen, grad_us, grad_vs, blocks.support)
         targets = {"query": grad_query, "key": grad_key, "bias": grad_bias}
         if grad_bias is None and bias is not None and ctx.needs_input_grad[3]:

@@ -235,7 +235,7 @@ def test_dropout_is_unbiased(route):
     c = case(lengths=(6,), heads=1, seed=5, bias=False)
     with torch.no_grad():
         clean, _ = fast(c, 3, **ROUTES[route])
-        runs = torch.stack([fast(c, 3, dropout=0.3, **ROUTES[route])[0] for _ in range(500)])
+        runs = torch.stack([fast(c, 3, dropout=0.3, **ROUTES[route])[0] for _ in range(200)])
     assert not torch.allclose(runs[0], clean), "dropout must change a single run"
     torch.testing.assert_close(runs.mean(0), clean, rtol=0, atol=0.1)
 

@@ -6,7 +6,7 @@ import torch
 
 from sinkhorn_hf.attention.blocks import BlockPlan, ScoreBlocks
 from sinkhorn_hf.attention.implicit import ImplicitSolver, implicit_terms
-from sinkhorn_hf.attention.potentials import grad_block, half_steps, step_plans, unrolled_terms
+from sinkhorn_hf.attention.potentials import block_half_steps, grad_block, step_plans, unrolled_terms
 from sinkhorn_hf.attention.sinkhorn import MASKED_LOGIT, sinkhorn_potentials
 
 SCALE = 0.7
@@ -46,7 +46,7 @@ BLOCKS = pytest.mark.parametrize("block_size", [None, 3, 1], ids=["dense", "bloc
 def test_iterates_match_the_reference(steps, block_size):
     q, k, bias, allowed, query_valid = problem()
     blocks = ScoreBlocks(q, k, bias, allowed, query_valid, SCALE, block_size)
-    us, vs, frozen = half_steps(blocks, steps, None)
+    us, vs, frozen = block_half_steps(blocks, steps, None)
     expected_us, expected_vs = reference_iterates(q @ k.transpose(-1, -2) * SCALE + bias, allowed, query_valid, steps)
     assert len(us) == len(expected_us) and len(vs) == len(expected_vs) and frozen == []
     for mine, theirs in zip(us + vs, expected_us + expected_vs, strict=True):
@@ -57,7 +57,7 @@ def test_iterates_match_the_reference(steps, block_size):
 def test_rectangular_without_masks(block_size):
     generator = torch.Generator().manual_seed(2)
     q, k = (torch.randn(2, 1, n, 3, generator=generator, dtype=torch.float64) for n in (5, 8))
-    us, vs, _ = half_steps(ScoreBlocks(q, k, None, None, None, SCALE, block_size), 41, None)
+    us, vs, _ = block_half_steps(ScoreBlocks(q, k, None, None, None, SCALE, block_size), 41, None)
     plan = (q @ k.transpose(-1, -2) * SCALE + us[-1] + vs[-1]).exp()
     torch.testing.assert_close(plan.sum(-1), torch.ones(2, 1, 5, dtype=torch.float64))
     torch.testing.assert_close(plan.sum(-2), torch.full((2, 1, 8), 5 / 8, dtype=torch.float64), atol=1e-6, rtol=0)
@@ -67,7 +67,7 @@ def _sweep_gradient(q, k, bias, allowed, query_valid, steps, block_size, toleran
     """dS from the unrolled sweep of a random weighted sum of every iterate, and the same by autograd."""
     scores = (q @ k.transpose(-1, -2) * SCALE + bias).requires_grad_()
     blocks = ScoreBlocks(q, k, bias, allowed, query_valid, SCALE, block_size)
-    us, vs, frozen = half_steps(blocks, steps, tolerance)
+    us, vs, frozen = block_half_steps(blocks, steps, tolerance)
     grad_us, grad_vs = weights_like(us, seed), weights_like(vs, seed + 1)
     terms = unrolled_terms(step_plans(blocks, us, vs), frozen, grad_us, grad_vs, blocks.support)
     mine = torch.cat([grad_block(terms, i, blocks.scratch(i).clone()) for i in range(len(blocks.slices))], -2)
@@ -104,7 +104,7 @@ def test_implicit_terms_are_the_converged_gradient(block_size):
     (expected,) = torch.autograd.grad((plan * weights).sum(), scores)
 
     blocks = ScoreBlocks(q, k, bias, allowed, query_valid, SCALE, block_size)
-    us, vs, _ = half_steps(blocks, steps, None)
+    us, vs, _ = block_half_steps(blocks, steps, None)
     final = BlockPlan(blocks, us[-1], vs[-1], column=False)
     dense = torch.where(allowed, q @ k.transpose(-1, -2) * SCALE + bias + us[-1] + vs[-1], MASKED_LOGIT).exp()
     direct = dense * weights  # d(plan)/d(log plan), before the potentials' own dependence on S
@@ -120,7 +120,7 @@ def test_fully_masked_row_keeps_zero_potential_and_finite_gradient():
     query_valid = torch.ones(1, 1, 5, 1, dtype=torch.bool)
     for block_size in (None, 2):
         blocks = ScoreBlocks(q, k, bias, allowed, query_valid, SCALE, block_size)
-        us, vs, frozen = half_steps(blocks, 4, None)
+        us, vs, frozen = block_half_steps(blocks, 4, None)
         assert all(torch.all(u[..., 2, :] == 0) for u in us)
         terms = unrolled_terms(step_plans(blocks, us, vs), frozen, weights_like(us), weights_like(vs), blocks.support)
         grads = [grad_block(terms, i, blocks.scratch(i).clone()) for i in range(len(blocks.slices))]
