@@ -51,7 +51,8 @@ def run_header(
     dataset: str | list[str],
     eval_split: str | list[str],
 ) -> dict[str, Any]:
-    """The "what was run" half of results.json, known before training starts."""
+    """The "what was run" half of results.json, known before training starts. ``dataset`` is a Hub name, or
+    a list of local paths (recorded absolute)."""
     lora = None
     if model_args.lora_r is not None:
         lora = {
@@ -64,7 +65,7 @@ def run_header(
         "model_name_or_path": model_args.model_name_or_path or f"{model_args.model_type} (random init)",
         "config_overrides": model_args.config_overrides,
         "task_name": task_name,
-        "dataset": dataset,
+        "dataset": [str(Path(p).resolve()) for p in dataset] if isinstance(dataset, list) else dataset,
         "attn_implementation": model_args.attn_implementation,
         "sinkhorn_iterations": model_args.sinkhorn_iterations if model_args.attn_implementation == "sinkhorn" else None,
         "adjoint": model_args.adjoint,
