@@ -1,5 +1,7 @@
-"""Sinkhorn attention: the maths (:mod:`.sinkhorn`), masks, settings and the transformers interface."""
+"""Sinkhorn attention: the maths (:mod:`.sinkhorn`), its fast routes (:mod:`.fast`), masks, settings and the
+transformers interface."""
 
+from .fast import sinkhorn_attention
 from .interface import ATTN_IMPLEMENTATION, CausalSinkhornError, register, sinkhorn_attention_forward
 from .masking import Support, support_from_mask
 from .settings import SinkhornSettings
@@ -14,6 +16,7 @@ __all__ = [
     "log_sinkhorn",
     "register",
     "sinkhorn",
+    "sinkhorn_attention",
     "sinkhorn_attention_forward",
     "sinkhorn_potentials",
     "support_from_mask",

@@ -1,0 +1,269 @@
+"""Time and peak memory of Sinkhorn attention against eager SoftMax and SDPA, as ratios to SDPA.
+
+    python scripts/bench_attention.py --sizes 128 512 2048 8192 --iterations 1 3 5 --batch 4 --heads 12
+    python scripts/bench_attention.py --sizes 512 --repeats 5 --no-memory           # timing only
+    python scripts/bench_attention.py --streaming-check                              # B=1, H=12, N=16384
+
+Time: forward (no grad) and forward+backward of one attention call on random float32 (B, H, N, D) inputs, best of
+``--repeats`` runs, every method of a size measured in this process with the runs interleaved. Sinkhorn goes
+through ``sinkhorn_hf.attention.fast.sinkhorn_attention`` with its default route for that length (SDPA for K=1,
+dense below the streaming threshold, streaming above). Peak memory: each (size, method) runs once more in its own
+process; after the inputs exist, VmHWM is reset (/proc/self/clear_refs) and the peak resident memory of a
+forward and then a forward+backward is read back minus the resident memory before them (glibc returns freed
+tensors to the system at once there), so it is what the call itself needs. A configuration whose estimated
+memory would exceed ``--memory-limit-gib`` is skipped with the reason printed. Results go to ``--output``
+(JSON, one entry per size: a killed run resumes at the next size) and the table is printed as Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from sinkhorn_hf.attention import SinkhornSettings
+from sinkhorn_hf.attention.fast import block_size_for, sinkhorn_attention
+
+_MIB = 2**20
+MIN_RUN_S = 0.2  # shorter timed runs loop over the call
+
+
+def _methods(iterations: list[int]) -> list[str]:
+    return ["sdpa", "eager"] + [f"sinkhorn{k}" for k in iterations]
+
+
+def _route(method: str, n: int, dim: int) -> str:
+    if not method.startswith("sinkhorn"):
+        return ""
+    k = int(method.removeprefix("sinkhorn"))
+    if k == 1:
+        return "sdpa"
+    return "dense" if block_size_for(SinkhornSettings(iterations=k), n, n, dim) is None else "streaming"
+
+
+def _label(method: str, n: int, dim: int) -> str:
+    if method.startswith("sinkhorn"):
+        return f"sinkhorn K={method.removeprefix('sinkhorn')} ({_route(method, n, dim)})"
+    return method
+
+
+def _attention(method: str):
+    """fn(q, k, v) -> output (B, H, N, D)."""
+    if method == "sdpa":
+        return torch.nn.functional.scaled_dot_product_attention
+    if method == "eager":
+        return lambda q, k, v: torch.matmul(torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, -1), v)
+    settings = SinkhornSettings(iterations=int(method.removeprefix("sinkhorn")))
+    return lambda q, k, v: sinkhorn_attention(q, k, v, settings=settings)[0]
+
+
+def _estimated_bytes(method: str, n: int, batch: int, heads: int, dim: int) -> int:
+    """Rough peak of one forward+backward: inputs, gradients and outputs, plus four score matrices where the
+    method materialises them."""
+    vectors = 8 * batch * heads * n * dim * 4
+    scores = batch * heads * n * n * 4
+    materialises = method == "eager" or _route(method, n, dim) == "dense"
+    return vectors + (4 * scores if materialises else 0)
+
+
+def _inputs(n: int, batch: int, heads: int, dim: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, n, dim, generator=generator).requires_grad_() for _ in range(3))
+    upstream = torch.randn(batch, heads, n, dim, generator=generator)
+    return q, k, v, upstream
+
+
+def _forward(fn, q, k, v) -> None:
+    with torch.no_grad():
+        fn(q, k, v)
+
+
+def _train(fn, q, k, v, upstream) -> None:
+    fn(q, k, v).backward(upstream)
+    q.grad = k.grad = v.grad = None
+
+
+def time_size(methods: list[str], n: int, args) -> dict[str, dict[str, float]]:
+    """Best-of-``args.repeats`` forward and forward+backward seconds per method, runs interleaved. A run that
+    takes under MIN_RUN_S repeats the call in a loop (and reports the time per call), so that short calls are
+    not at the mercy of the clock and thread wake-ups."""
+    q, k, v, upstream = _inputs(n, args.batch, args.heads, args.dim)
+    fns = {m: _attention(m) for m in methods}
+    best = {m: {"forward_s": float("inf"), "train_s": float("inf")} for m in methods}
+    loops = {}
+    for method, fn in fns.items():  # warm-up (allocator, thread pools, first-call dispatch), and calibration
+        _train(fn, q, k, v, upstream)
+        start = time.perf_counter()
+        _train(fn, q, k, v, upstream)
+        loops[method] = max(1, int(MIN_RUN_S / max(time.perf_counter() - start, 1e-6)))
+    for _ in range(args.repeats):
+        for method, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(loops[method]):
+                _forward(fn, q, k, v)
+            middle = time.perf_counter()
+            for _ in range(loops[method]):
+                _train(fn, q, k, v, upstream)
+            end = time.perf_counter()
+            best[method]["forward_s"] = min(best[method]["forward_s"], (middle - start) / loops[method])
+            best[method]["train_s"] = min(best[method]["train_s"], (end - middle) / loops[method])
+    return best
+
+
+def _rss(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_memory_here(method: str, n: int, batch: int, heads: int, dim: int) -> dict[str, float]:
+    """Peak resident memory (MiB) of a forward, then of a forward+backward, above the memory before them."""
+    fn = _attention(method)
+    q, k, v, upstream = _inputs(n, batch, heads, dim)
+    before = _rss("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident size
+    _forward(fn, q, k, v)
+    forward = _rss("VmHWM") - before
+    _train(fn, q, k, v, upstream)
+    return {
+        "forward_mib": forward / _MIB,
+        "train_mib": (_rss("VmHWM") - before) / _MIB,
+        "total_mib": _rss("VmHWM") / _MIB,
+    }
+
+
+def measure_memory(method: str, n: int, batch: int, heads: int, dim: int) -> dict[str, float]:
+    """measure_memory_here in a fresh process."""
+    command = [sys.executable, __file__, "--child", method, str(n), str(batch), str(heads), str(dim)]
+    command += ["--threads", str(torch.get_num_threads())]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"memory run of {method} at N={n} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    return "—" if value is None or not base else f"{value / base:.2f}"
+
+
+def _number(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def render(results: dict, args) -> str:
+    lines = [
+        f"B={args.batch}, H={args.heads}, D={args.dim}, float32, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
+        f"time = best of {args.repeats}; ratios are to SDPA at the same N",
+        "",
+        "| N | method | fwd ms | fwd ×SDPA | fwd+bwd ms | fwd+bwd ×SDPA | peak MiB fwd+bwd | peak ×SDPA |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    skipped = []
+    for n_text, row in results.items():
+        n = int(n_text)
+        base = row.get("sdpa", {})
+        for method in _methods(args.iterations):
+            entry = row.get(method)
+            if entry is None:
+                continue
+            if "skipped" in entry:
+                skipped.append(f"N={n} {_label(method, n, args.dim)}: {entry['skipped']}")
+                lines.append(f"| {n} | {_label(method, n, args.dim)} | — | — | — | — | — | — |")
+                continue
+            fwd, train, peak = (entry.get(key) for key in ("forward_s", "train_s", "train_mib"))
+            lines.append(
+                f"| {n} | {_label(method, n, args.dim)} | {_number(fwd * 1e3)} | {_ratio(fwd, base.get('forward_s'))} "
+                f"| {_number(train * 1e3)} | {_ratio(train, base.get('train_s'))} | {_number(peak)} "
+                f"| {_ratio(peak, base.get('train_mib'))} |"
+            )
+    if skipped:
+        lines += ["", "Skipped:"] + [f"- {reason}" for reason in skipped]
+    return "\n".join(lines)
+
+
+def run(args) -> dict:
+    path = Path(args.output)
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    limit = args.memory_limit_gib * 2**30
+    methods = _methods(args.iterations)
+    for n in tqdm(args.sizes, desc="sizes"):
+        if str(n) in results:
+            continue  # done by an earlier (killed) run
+        runnable, row = [], {}
+        for method in methods:
+            need = _estimated_bytes(method, n, args.batch, args.heads, args.dim)
+            if need > limit:
+                row[method] = {
+                    "skipped": f"needs about {need / 2**30:.1f} GiB (score matrices of "
+                    f"{args.batch * args.heads * n * n * 4 / 2**30:.1f} GiB), over --memory-limit-gib "
+                    f"{args.memory_limit_gib}"
+                }
+            else:
+                runnable.append(method)
+        for method, timing in time_size(runnable, n, args).items():
+            row[method] = timing
+        if args.memory:
+            for method in tqdm(runnable, desc=f"memory N={n}", leave=False):
+                row[method].update(measure_memory(method, n, args.batch, args.heads, args.dim))
+        results[str(n)] = row
+        path.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def streaming_check(args) -> str:
+    """Peak memory of Sinkhorn forward+backward at B=1, H=12, N=16384 (streaming), per K, vs SDPA."""
+    n, batch, heads = 16384, 1, 12
+    lines = [
+        f"Streaming check: B={batch}, H={heads}, N={n}, D={args.dim}, float32 (peak resident memory of the "
+        "whole process, and above the inputs)",
+        "",
+        "| method | peak MiB above inputs | process peak MiB |",
+        "|---|---|---|",
+    ]
+    for method in tqdm(["sdpa"] + [f"sinkhorn{k}" for k in args.iterations], desc="streaming check"):
+        memory = measure_memory(method, n, batch, heads, args.dim)
+        label = _label(method, n, args.dim)
+        lines.append(f"| {label} | {memory['train_mib']:.0f} | {memory['total_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 512, 2048, 8192], help="sequence lengths N")
+    parser.add_argument("--iterations", type=int, nargs="+", default=[1, 3, 5], help="Sinkhorn iterations K")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--dim", type=int, default=64, help="head dimension D")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per method (best is kept)")
+    parser.add_argument("--memory-limit-gib", type=float, default=8.0, help="skip configurations needing more")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
+    parser.add_argument("--output", default="bench_attention.json", help="results file (a killed run resumes)")
+    parser.add_argument("--streaming-check", action="store_true", help="only the B=1, H=12, N=16384 memory check")
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        method, *numbers = args.child
+        print(json.dumps(measure_memory_here(method, *map(int, numbers))))
+        return
+    if args.streaming_check:
+        print(streaming_check(args))
+        return
+    print(render(run(args), args))
+
+
+if __name__ == "__main__":
+    main()
