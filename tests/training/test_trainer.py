@@ -199,3 +199,20 @@ def test_push_to_hub_writes_a_card_and_uploads_the_run(tiny_bert, sst2_files, tm
     assert "sinkhorn" in card and "someone/tiny-sinkhorn-sst2" in card
     with pytest.raises(ValueError, match="--push_to_hub needs --hub_model_id"):
         TrainerArguments(output_dir=str(tmp_path), push_to_hub=True)
+
+
+def test_gradients_are_clipped_before_each_step(tiny_bert, sst2_files, tmp_path, monkeypatch):
+    norms = []
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    make_trainer(tiny_bert, sst2_files, tmp_path / "clipped", max_train_steps=4, max_grad_norm=1e-3).train()
+    assert len(norms) == 4 and max(norms) <= 1e-3 * (1 + 1e-5)
+    norms.clear()
+    make_trainer(tiny_bert, sst2_files, tmp_path / "free", max_train_steps=4, max_grad_norm=0.0).train()
+    assert min(norms) > 1e-2  # the same steps unclipped
