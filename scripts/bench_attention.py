@@ -99,8 +99,7 @@ def time_size(methods: list[str], n: int, args) -> dict[str, dict[str, float]]:
     fns = {m: _attention(m) for m in methods}
     best = {m: {"forward_s": float("inf"), "train_s": float("inf")} for m in methods}
     loops = {}
-    for method, fn in fns.items():  # warm-up (allocator, thread pools, first-call dispatch), and calibration
-        _train(fn, q, k, v, upstream)
+    for method, fn in fns.items():  # warm-up (thread pools, first-call dispatch), timed to size the loops
         start = time.perf_counter()
         _train(fn, q, k, v, upstream)
         loops[method] = max(1, int(MIN_RUN_S / max(time.perf_counter() - start, 1e-6)))

@@ -219,6 +219,11 @@ def _subtract_terms(terms, kernel: Tensor, out: Tensor, scratch: Tensor) -> None
         out.add_(grad_block(log_terms, 0, scratch))  # grad_block returns -Σ plan ⊙ left rightᵀ
 
 
+def _factored(final, options: DenseOptions) -> bool:
+    """Whether the output can use A = E ⊙ x yᵀ without forming A (no dropout mask, weights not returned)."""
+    return isinstance(final, KernelPlan) and options.dropout == 0 and not options.return_weights
+
+
 class DenseSinkhornAttention(torch.autograd.Function):
     """(query, key, value, bias, allowed, query_valid, options) -> output (..., Lq, Dv) [, weights (..., Lq, Lk)]:
     out = dropout(Sinkhorn_K(scale·QKᵀ + bias)) V, with the weights (after dropout) returned if asked."""
@@ -231,14 +236,16 @@ class DenseSinkhornAttention(torch.autograd.Function):
         kernel, row_max = problem.kernel()
         us, vs, frozen = _half_steps(problem, kernel, row_max, options.iterations, options.tolerance)
         final = problem.plan(kernel, row_max, us[-1], vs[-1] if vs else 0.0, column=False)
-        weights = final.block(
-            0, torch.empty_like(kernel) if options.return_weights else WORKSPACE.get("weights", kernel)
-        )
-        keep = None
-        if options.dropout > 0:
-            keep = torch.empty_like(weights, dtype=torch.bool).bernoulli_(1 - options.dropout)
-            weights.masked_fill_(~keep, 0.0).mul_(1 / (1 - options.dropout))
-        output = torch.matmul(weights, value)
+        keep = weights = None
+        if _factored(final, options):  # A V = x ⊙ (E (y ⊙ V)): the weights are never formed
+            output = final.x * torch.matmul(kernel, final.y.transpose(-1, -2) * value)
+        else:
+            out = torch.empty_like(kernel) if options.return_weights else WORKSPACE.get("weights", kernel)
+            weights = final.block(0, out)
+            if options.dropout > 0:
+                keep = torch.empty_like(weights, dtype=torch.bool).bernoulli_(1 - options.dropout)
+                weights.masked_fill_(~keep, 0.0).mul_(1 / (1 - options.dropout))
+            output = torch.matmul(weights, value)
         ctx.options = options
         ctx.counts = (len(us), len(vs))
         saved_weights = weights if options.return_weights else None
@@ -260,17 +267,23 @@ class DenseSinkhornAttention(torch.autograd.Function):
         problem = _Problem(query, key, bias, allowed, query_valid, options.scale, support)
         final = problem.plan(kernel, row_max, us[-1], vs[-1] if vs else 0.0, column=False)
         scratch = WORKSPACE.get("scratch", kernel)
-        if weights is None:  # recompute the (dropped-out) weights: two passes over E
-            weights = final.block(0, scratch)
-            if keep is not None:
-                weights.masked_fill_(~keep, 0.0).mul_(1 / (1 - options.dropout))
-        grad_value = torch.matmul(weights.transpose(-1, -2), grad_output) if ctx.needs_input_grad[2] else None
-        # d log A = A ⊙ dA; the dropped-out weights carry the dropout mask and rescaling.
         grad_scores = torch.matmul(grad_output, value.transpose(-1, -2), out=WORKSPACE.get("grad", kernel))
-        if grad_weights is not None:
-            grad_scores.add_(grad_weights)
-        grad_scores.mul_(weights)
-        del weights
+        # d log A = A ⊙ dA; the dropped-out weights carry the dropout mask and rescaling.
+        if _factored(final, options):  # A = E ⊙ x yᵀ, never formed
+            grad_value = None
+            if ctx.needs_input_grad[2]:
+                grad_value = final.y.transpose(-1, -2) * torch.matmul(kernel.transpose(-1, -2), final.x * grad_output)
+            grad_scores.mul_(kernel).mul_(final.x).mul_(final.y)
+        else:
+            if weights is None:  # recompute the (dropped-out) weights: two passes over E
+                weights = final.block(0, scratch)
+                if keep is not None:
+                    weights.masked_fill_(~keep, 0.0).mul_(1 / (1 - options.dropout))
+            grad_value = torch.matmul(weights.transpose(-1, -2), grad_output) if ctx.needs_input_grad[2] else None
+            if grad_weights is not None:
+                grad_scores.add_(grad_weights)
+            grad_scores.mul_(weights)
+            del weights
         grad_u = grad_scores.sum(-1, keepdim=True)
         grad_v = grad_scores.sum(-2, keepdim=True) if vs else None
         if options.backward == "implicit" and vs:
