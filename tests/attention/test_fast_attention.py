@@ -309,3 +309,21 @@ def test_model_settings_select_the_modes():
     torch.testing.assert_close(streamed, dense, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(implicit[0], dense[0])
     assert not torch.allclose(implicit[1], dense[1], rtol=1e-3, atol=0)
+
+
+def test_workspace_buffers_never_escape():
+    """The dense route reuses scratch buffers between calls: nothing it returns may live in them."""
+    first = case(seed=12)
+    first["bias"] = torch.randn(2, 2, 7, 7, dtype=torch.float64).requires_grad_()  # full shape: nothing summed
+    out, _ = fast(first, 3)
+    grads = torch.autograd.grad(out.square().sum(), inputs_of(first))
+    kept = [g.clone() for g in grads] + [out.detach().clone()]
+    second = case(seed=13)
+    second["bias"] = torch.randn(2, 2, 7, 7, dtype=torch.float64).requires_grad_()
+    out2, _ = fast(second, 3)
+    torch.autograd.grad(out2.square().sum(), inputs_of(second))
+    for before, now in zip(kept, list(grads) + [out.detach()], strict=True):
+        assert torch.equal(before, now)
+    dense_module.WORKSPACE.clear()
+    again, _ = fast(first, 3)
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
