@@ -36,7 +36,9 @@ class CrashAfter:
         return self.collator(rows)
 
 
-def make_trainer(model_dir: Path, files: tuple[Path, Path], out: Path, crash_after: int | None = None, **overrides):
+def make_trainer(
+    model_dir: Path, files: tuple[Path, Path], out: Path, crash_after: int | None = None, attn="sinkhorn", **overrides
+):
     settings = dict(
         output_dir=str(out), per_device_train_batch_size=8, learning_rate=3e-3, num_train_epochs=5, seed=7,
         logging_steps=1,
@@ -47,7 +49,7 @@ def make_trainer(model_dir: Path, files: tuple[Path, Path], out: Path, crash_aft
     task = GLUE_TASKS["sst2"]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train, dev = (tokenize(load_glue_file(str(f), task), task, tokenizer, 32) for f in files)
-    model_args = ModelArguments(model_name_or_path=str(model_dir), attn_implementation="sinkhorn")
+    model_args = ModelArguments(model_name_or_path=str(model_dir), attn_implementation=attn)
     model, _ = build_model(model_args, load_config(model_args, num_labels=2), AutoModelForSequenceClassification)
     collator = DataCollatorWithPadding(tokenizer)
     return Trainer(
@@ -216,3 +218,13 @@ def test_gradients_are_clipped_before_each_step(tiny_bert, sst2_files, tmp_path,
     norms.clear()
     make_trainer(tiny_bert, sst2_files, tmp_path / "free", max_train_steps=4, max_grad_norm=0.0).train()
     assert min(norms) > 1e-2  # the same steps unclipped
+
+
+def test_bf16_mixed_precision_trains(tiny_bert, sst2_files, tmp_path):
+    # sdpa: sinkhorn's backward under bf16 autocast is the attention module's to test
+    trainer = make_trainer(tiny_bert, sst2_files, tmp_path, attn="sdpa", max_train_steps=3, mixed_precision="bf16")
+    result = trainer.train()
+    assert result["mixed_precision"] == "bf16" and result["train_steps"] == 3
+    weights = load_file(tmp_path / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert weights["classifier.weight"].dtype == torch.float32  # autocast; the master weights stay float32
