@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TEXT, make_tiny
+from conftest import TEXT, make_tiny, sharpen
 
 import sinkhorn_hf  # noqa: F401
 
@@ -92,3 +92,18 @@ def test_gradients_flow_and_are_finite():
     grads = [p.grad for p in tiny.model.parameters() if p.requires_grad and p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert tiny.model.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_bf16_autocast_training_step_matches_float32(streaming):
+    tiny = sharpen(make_tiny("bert", "sinkhorn"))
+    tiny.model.config.sinkhorn_streaming = streaming
+    grads, probe = [], torch.randn(16, generator=torch.Generator().manual_seed(0))
+    for autocast in (False, True):
+        tiny.model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = tiny.model(**tiny.inputs).last_hidden_state
+        (out[tiny.valid].float() @ probe).sum().backward()
+        grads.append(tiny.model.encoder.layer[0].attention.self.query.weight.grad.clone())
+    assert torch.isfinite(grads[1]).all()
+    assert (grads[1] - grads[0]).norm() / grads[0].norm() < 0.1
