@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import ProjectConfiguration, set_seed
+from peft import PeftModel
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -32,6 +33,7 @@ from .results import peak_memory_mb, write_results
 
 logger = logging.getLogger(__name__)
 
+ADAPTER_DIR = "adapter"  # where a LoRA run keeps its adapter; the run directory itself holds the merged model
 EXAMPLE_ID = "example_id"  # batch key naming the example a row belongs to; gathered, never fed to the model
 
 
@@ -318,6 +320,13 @@ class Trainer:
         acc, state = self.accelerator, self.state
         acc.wait_for_everyone()
         model = acc.unwrap_model(self.model)
+        if isinstance(model, PeftModel):
+            # The adapter alone cannot be loaded, carded or pushed as a model: keep it in adapter/ and save the
+            # merged weights at the top, so the run directory loads with from_pretrained like any other run.
+            model.save_pretrained(
+                Path(self.args.output_dir) / ADAPTER_DIR, is_main_process=acc.is_main_process, save_function=acc.save
+            )
+            model = model.merge_and_unload()
         model.save_pretrained(self.args.output_dir, is_main_process=acc.is_main_process, save_function=acc.save)
         if self.processing_class is not None and acc.is_main_process:
             self.processing_class.save_pretrained(self.args.output_dir)

@@ -76,7 +76,7 @@ def test_glue_lora_run_trains_adapters_and_leaves_the_base_model(tiny_bert, rte_
     assert result["lora"] == {"r": 4, "alpha": 16.0, "dropout": 0.1, "target_modules": ["query", "value"]}
     assert result["sinkhorn_iterations"] == 5 and result["task_name"] == "rte"
     assert result["dataset"] == [train, dev] and result["eval_split"] == ["validation"]
-    adapter = load_file(out / "adapter_model.safetensors")
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     base = load_file(tiny_bert / "model.safetensors")
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
     assert len(lora_b) == 4 and all(v.abs().max() > 0 for v in lora_b)  # B starts at zero: it trained
@@ -85,11 +85,22 @@ def test_glue_lora_run_trains_adapters_and_leaves_the_base_model(tiny_bert, rte_
     from peft import PeftModel
 
     reloaded = PeftModel.from_pretrained(
-        AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2), out
+        AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2), out / "adapter"
     )
     base_query = base["encoder.layer.0.attention.self.query.weight"]
     loaded_query = reloaded.base_model.model.bert.encoder.layer[0].attention.self.query.base_layer.weight
     assert torch.equal(base_query, loaded_query)
+
+    # the run directory holds the merged model: it loads as Sinkhorn and computes what base + adapter compute
+    merged = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert merged.config._attn_implementation == "sinkhorn" and merged.config.sinkhorn_iterations == 5
+    assert not torch.equal(merged.bert.encoder.layer[0].attention.self.query.weight, base_query)
+    reloaded.set_attn_implementation("sinkhorn")
+    reloaded.config.sinkhorn_iterations = 5
+    ids = torch.randint(3, merged.config.vocab_size, (2, 9))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones(2, 9, dtype=torch.long)}
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**inputs).logits, reloaded.eval()(**inputs).logits, rtol=1e-4, atol=1e-5)
 
 
 def test_adjoint_checkpoint_scheme_trains_like_plain_backprop(tiny_bert, rte_files, tmp_path, monkeypatch):
