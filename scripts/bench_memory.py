@@ -116,6 +116,11 @@ def run_one(args: argparse.Namespace, depth: int, config: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _ratio(value: float, baseline: float) -> str:
+    # At toy sizes the peak-RSS counter can read 0 for the baseline: print no ratio rather than divide by it.
+    return f"{value / baseline:.2f}" if baseline > 0 else "n/a"
+
+
 def table(results: list[dict], depths: list[int], configs: list[str]) -> str:
     """Markdown: per depth and configuration, peak activation MiB (× plain) and step time s (× plain)."""
     by = {(r["depth"], r["config"]): r for r in results}
@@ -129,8 +134,8 @@ def table(results: list[dict], depths: list[int], configs: list[str]) -> str:
             mem, sec = r["peak_bytes"] / _MIB, r["step_s"]
             if plain:
                 cells += [
-                    f"{mem:.0f} ({mem / (plain['peak_bytes'] / _MIB):.2f})",
-                    f"{sec:.2f} ({sec / plain['step_s']:.2f})",
+                    f"{mem:.0f} ({_ratio(r['peak_bytes'], plain['peak_bytes'])})",
+                    f"{sec:.2f} ({_ratio(sec, plain['step_s'])})",
                 ]
             else:
                 cells += [f"{mem:.0f}", f"{sec:.2f}"]
