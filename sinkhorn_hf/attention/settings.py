@@ -16,7 +16,7 @@ class SinkhornSettings:
     ``tolerance``: optional early stop once column sums are within it of their target.
     ``backward``: "unrolled" (exact gradient of the K steps) or "implicit" (gradient at convergence).
     ``streaming``: True, False or "auto" (stream when the query or key length reaches ``streaming_threshold``):
-    never hold the full score matrix, visit it in blocks of ``block_size`` queries (None: a memory budget)."""
+    never hold the full score matrix, visit it in blocks of ``block_size`` queries (None: scores half the size of Q)."""
 
     iterations: int = DEFAULT_ITERATIONS
     tolerance: float | None = None
