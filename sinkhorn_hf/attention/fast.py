@@ -62,6 +62,14 @@ def sinkhorn_attention(
             "sinkhorn attention expects query (..., Lq, D), key (..., Lk, D) and value (..., Lk, Dv) with the same "
             f"leading dims, got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
         )
+    with torch.autocast(query.device.type, enabled=False):  # autocast would run the matmuls in half precision
+        return _attention(
+            query, key, value, allowed, bias, query_valid, scale, settings, dropout, return_weights, solver
+        )
+
+
+def _attention(query, key, value, allowed, bias, query_valid, scale, settings, dropout, return_weights, solver):
+    """sinkhorn_attention after validation, with autocast off."""
     compute = torch.promote_types(query.dtype, torch.float32)  # half precision would lose the marginals
     q, k, v = query.to(compute), key.to(compute), value.to(compute)
     bias = None if bias is None else bias.to(compute)

@@ -327,3 +327,17 @@ def test_workspace_buffers_never_escape():
     dense_module.WORKSPACE.clear()
     again, _ = fast(first, 3)
     torch.testing.assert_close(again, out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_autocast_does_not_lower_the_precision(route):
+    c = case(seed=14, dtype=torch.float32)
+    out, _ = fast(c, 3, **ROUTES[route])
+    expected = torch.autograd.grad(out.square().sum(), inputs_of(c))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_autocast, _ = fast(c, 3, **ROUTES[route])
+    assert out_autocast.dtype == torch.float32
+    torch.testing.assert_close(out_autocast, out, rtol=0, atol=0)
+    got = torch.autograd.grad(out_autocast.square().sum(), inputs_of(c))
+    for mine, theirs in zip(got, expected, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
