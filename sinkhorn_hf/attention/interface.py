@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface, PreTrainedConfig, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -55,21 +54,18 @@ def sinkhorn_attention_forward(
     support = None
     if attention_mask is not None:  # without a mask, skip building an all-True (Lq, Lk) support
         support = support_from_mask(attention_mask, query.shape[-2], key.shape[-2], query.device)
-    # Under autocast the Sinkhorn matmuls would run in half precision, losing the marginals and clashing with
-    # the custom backward's float32 buffers; sinkhorn_attention upcasts itself and returns value's dtype.
-    with torch.autocast(query.device.type, enabled=False):
-        output, weights = sinkhorn_attention(
-            query,
-            key,
-            value,
-            allowed=None if support is None else support.allowed,
-            bias=None if support is None else support.bias,
-            query_valid=None if support is None else support.query_valid,
-            scale=scaling,
-            settings=settings,
-            dropout=dropout if module.training else 0.0,
-            return_weights=attentions_requested(kwargs),
-        )
+    output, weights = sinkhorn_attention(
+        query,
+        key,
+        value,
+        allowed=None if support is None else support.allowed,
+        bias=None if support is None else support.bias,
+        query_valid=None if support is None else support.query_valid,
+        scale=scaling,
+        settings=settings,
+        dropout=dropout if module.training else 0.0,
+        return_weights=attentions_requested(kwargs),
+    )
     output = output.transpose(1, 2).contiguous()
     return output, None if weights is None else weights.to(query.dtype)
 
