@@ -6,7 +6,7 @@
 
 Time: forward (no grad) and forward+backward of one attention call on random float32 (B, H, N, D) inputs, best of
 ``--repeats`` runs, every method of a size measured in this process with the runs interleaved. Sinkhorn goes
-through ``sinkhorn_hf.attention.fast.sinkhorn_attention`` with its default route for that length (SDPA for K=1,
+through ``sinkhorn_hf.attention.routes.sinkhorn_attention`` with its default route for that length (SDPA for K=1,
 dense below the streaming threshold, streaming above). Peak memory: each (size, method) runs once more in its own
 process; after the inputs exist, VmHWM is reset (/proc/self/clear_refs) and the peak resident memory of a
 forward and then a forward+backward is read back minus the resident memory before them (glibc returns freed
@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from sinkhorn_hf.attention import SinkhornSettings
-from sinkhorn_hf.attention.fast import block_size_for, sinkhorn_attention
+from sinkhorn_hf.attention.routes import block_size_for, sinkhorn_attention
 
 _MIB = 2**20
 MIN_RUN_S = 0.2  # shorter timed runs loop over the call

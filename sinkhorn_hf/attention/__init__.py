@@ -1,9 +1,10 @@
-"""Sinkhorn attention: the maths (:mod:`.sinkhorn`), its fast routes (:mod:`.fast`), masks, settings and the
-transformers interface."""
+"""Sinkhorn attention: the reference maths (:mod:`.sinkhorn`), the half-steps every route shares
+(:mod:`.iterations`), score geometry (:mod:`.scores`), the dense and streaming routes and the choice between them
+(:mod:`.routes`), masks, settings and the transformers interface."""
 
-from .fast import sinkhorn_attention
 from .interface import ATTN_IMPLEMENTATION, CausalSinkhornError, register, sinkhorn_attention_forward
 from .masking import Support, support_from_mask
+from .routes import sinkhorn_attention
 from .settings import SinkhornSettings
 from .sinkhorn import MASKED_LOGIT, log_sinkhorn, sinkhorn, sinkhorn_potentials
 

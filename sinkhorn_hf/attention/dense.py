@@ -13,16 +13,16 @@ Dropout and returning the weights happen inside the Function; it saves E, the it
 
 from __future__ import annotations
 
+import functools
 import threading
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .blocks import BlockPlan, MarginalSupport, ScoreBlocks, marginal_support
-from .implicit import ImplicitSolver, implicit_terms
-from .potentials import grad_block, half_steps, unrolled_terms
-from .sinkhorn import MASKED_LOGIT
+from .implicit import implicit_terms
+from .iterations import grad_block, half_steps, step_plans, unrolled_terms
+from .scores import MASKED_LOGIT, BlockPlan, MarginalSupport, Plan, ScoreBlocks, marginal_support
+from .settings import RouteOptions
 
 
 class Workspace:
@@ -53,20 +53,6 @@ class Workspace:
 WORKSPACE = Workspace()
 
 
-@dataclass(frozen=True)
-class DenseOptions:
-    """``iterations`` K (rows first), ``tolerance`` (freeze converged (batch, head) entries), ``backward``
-    ("unrolled" or "implicit"), attention ``dropout`` probability, ``return_weights``."""
-
-    scale: float
-    iterations: int
-    tolerance: float | None = None
-    backward: str = "unrolled"
-    dropout: float = 0.0
-    return_weights: bool = False
-    solver: ImplicitSolver = ImplicitSolver()
-
-
 def _safe(x: Tensor, y: Tensor, n: int) -> bool:
     """Whether E ⊙ x yᵀ (x, y >= 0) loses nothing to the entries of E that underflowed: max x · max y ≤ 1/G."""
     info = torch.finfo(x.dtype)
@@ -74,7 +60,7 @@ def _safe(x: Tensor, y: Tensor, n: int) -> bool:
     return bool((x.amax(-2, keepdim=True) * y.amax(-1, keepdim=True) <= bound).all())
 
 
-class KernelPlan:
+class KernelPlan(Plan):
     """The plan E ⊙ x yᵀ; x (..., Lq, 1), y (..., 1, Lk). ``log_form()`` is the same plan computed through exp
     on the scores (a BlockPlan), for where a product of factors would overflow."""
 
@@ -92,7 +78,8 @@ class KernelPlan:
     def gram(self, weight: Tensor, row_weight: Tensor) -> Tensor:
         return self.rtimes(row_weight * self.times(weight))
 
-    def block(self, index: int, out: Tensor) -> Tensor:
+    def block(self, index: int, out: Tensor | None = None) -> Tensor:
+        """The whole plan (one block: ``index`` is 0)."""
         return torch.mul(self.kernel, self.x, out=out).mul_(self.y)
 
 
@@ -148,7 +135,7 @@ class _Problem:
                 x = x.masked_fill(~self.support.row_has_mass, 0.0)
 
         def log_form() -> BlockPlan:
-            return BlockPlan(self.blocks, row_shift, column_shift, column)
+            return self.blocks.plan(row_shift, column_shift, column)
 
         if _safe(x, y, max(kernel.shape[-2:])):
             return KernelPlan(kernel, x, y, log_form)
@@ -188,21 +175,6 @@ def _half_steps(problem: _Problem, kernel: Tensor, row_max: Tensor, iterations: 
     return half_steps(iterations, row_lse, column_lse, u, v, problem.support, tolerance)
 
 
-def _step_plans(problem: _Problem, kernel: Tensor, row_max: Tensor, us, vs) -> list:
-    """The plan of every half-step from the saved iterates (row: P = exp(S + v_prev + u), column:
-    Q = exp(S + u_prev + v - log t))."""
-    plans = []
-    for step in range(len(us) + len(vs)):
-        index = step // 2
-        if step % 2 == 0:
-            previous = vs[index - 1] if index > 0 else 0.0
-            plans.append(problem.plan(kernel, row_max, us[index], previous, column=False))
-        else:
-            shift = vs[index] - problem.support.log_target
-            plans.append(problem.plan(kernel, row_max, us[index], shift, column=True))
-    return plans
-
-
 def _subtract_terms(terms, kernel: Tensor, out: Tensor, scratch: Tensor) -> None:
     """out -= Σ plan ⊙ left rightᵀ: kernel terms as one rank-r product E ⊙ (X Yᵀ), the others through exp."""
     kernel_terms = [t for t in terms if isinstance(t[0], KernelPlan)]
@@ -219,7 +191,7 @@ def _subtract_terms(terms, kernel: Tensor, out: Tensor, scratch: Tensor) -> None
         out.add_(grad_block(log_terms, 0, scratch))  # grad_block returns -Σ plan ⊙ left rightᵀ
 
 
-def _factored(final, options: DenseOptions) -> bool:
+def _factored(final: Plan, options: RouteOptions) -> bool:
     """Whether the output can use A = E ⊙ x yᵀ without forming A (no dropout mask, weights not returned)."""
     return isinstance(final, KernelPlan) and options.dropout == 0 and not options.return_weights
 
@@ -229,12 +201,12 @@ class DenseSinkhornAttention(torch.autograd.Function):
     out = dropout(Sinkhorn_K(scale·QKᵀ + bias)) V, with the weights (after dropout) returned if asked."""
 
     @staticmethod
-    def forward(ctx, query, key, value, bias, allowed, query_valid, options: DenseOptions):
+    def forward(ctx, query, key, value, bias, allowed, query_valid, options: RouteOptions):
         n_q, n_k = query.shape[-2], key.shape[-2]
         support = marginal_support(allowed, query_valid, n_q, n_k, query.dtype, n_q)
         problem = _Problem(query, key, bias, allowed, query_valid, options.scale, support)
         kernel, row_max = problem.kernel()
-        us, vs, frozen = _half_steps(problem, kernel, row_max, options.iterations, options.tolerance)
+        us, vs, frozen = _half_steps(problem, kernel, row_max, options.settings.iterations, options.settings.tolerance)
         final = problem.plan(kernel, row_max, us[-1], vs[-1] if vs else 0.0, column=False)
         keep = weights = None
         if _factored(final, options):  # A V = x ⊙ (E (y ⊙ V)): the weights are never formed
@@ -259,7 +231,7 @@ class DenseSinkhornAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output, grad_weights=None):
         query, key, value, bias, allowed, query_valid, kernel, row_max, keep, weights, *rest = ctx.saved_tensors
-        options: DenseOptions = ctx.options
+        options: RouteOptions = ctx.options
         n_us, n_vs = ctx.counts
         us, vs, frozen = rest[:n_us], rest[n_us : n_us + n_vs], rest[n_us + n_vs :]
         n_q, n_k = query.shape[-2], key.shape[-2]
@@ -286,10 +258,10 @@ class DenseSinkhornAttention(torch.autograd.Function):
             del weights
         grad_u = grad_scores.sum(-1, keepdim=True)
         grad_v = grad_scores.sum(-2, keepdim=True) if vs else None
-        if options.backward == "implicit" and vs:
+        if options.settings.backward == "implicit" and vs:
             terms = implicit_terms(final, grad_u, grad_v, support, options.solver)
         else:
-            plans = _step_plans(problem, kernel, row_max, us, vs)
+            plans = step_plans(functools.partial(problem.plan, kernel, row_max), us, vs, support.log_target)
             grad_us = [None] * (n_us - 1) + [grad_u]
             grad_vs = [None] * (n_vs - 1) + [grad_v] if vs else []
             terms = unrolled_terms(plans, list(frozen), grad_us, grad_vs, support)
@@ -314,7 +286,7 @@ def dense_attention(
     bias: Tensor | None,
     allowed: Tensor | None,
     query_valid: Tensor | None,
-    options: DenseOptions,
+    options: RouteOptions,
 ) -> tuple[Tensor, Tensor | None]:
     """Output (..., Lq, Dv) and, if ``options.return_weights``, the weights; see DenseSinkhornAttention."""
     result = DenseSinkhornAttention.apply(query, key, value, bias, allowed, query_valid, options)

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .. import compat
+
 
 @dataclass
 class MarginalReport:
@@ -56,7 +58,7 @@ def marginal_report(attentions: tuple[Tensor, ...], valid: Tensor | None = None)
 
 @contextmanager
 def _attention_implementation(model: torch.nn.Module, name: str):
-    previous = model.config._attn_implementation
+    previous = compat.config_attn_implementation(model.config)
     model.set_attn_implementation(name)
     try:
         yield model

@@ -11,22 +11,14 @@ mass) does not change dS at convergence, so λ_v is sought orthogonal to it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .blocks import MarginalSupport
+from .scores import MarginalSupport, Plan
+from .settings import ImplicitSolver
 
-
-@dataclass(frozen=True)
-class ImplicitSolver:
-    """Conjugate gradient settings: ``ridge`` added to the diagonal, stop when every system's residual is below
-    ``tolerance`` times its right-hand side, or after ``max_iterations``."""
-
-    ridge: float = 1e-6
-    tolerance: float = 1e-6
-    max_iterations: int = 100
+__all__ = ["ImplicitSolver", "conjugate_gradient", "implicit_terms"]
 
 
 def conjugate_gradient(
@@ -55,12 +47,12 @@ def conjugate_gradient(
     return x
 
 
-def implicit_terms(plan, grad_u: Tensor, grad_v: Tensor, support: MarginalSupport, solver: ImplicitSolver):
+def implicit_terms(plan: Plan, grad_u: Tensor, grad_v: Tensor, support: MarginalSupport, solver: ImplicitSolver):
     """Gradient w.r.t. S through converged potentials, as terms (plan, left, right) with
     dS = -Σ plan ⊙ left rightᵀ (None = ones).
 
-    ``plan``: P = exp(S + u + v) on the row support, with ``times`` (P·w), ``rtimes`` (Pᵀ·w) and ``gram``
-    (Pᵀ(row_weight ⊙ P·w)); grad_u (..., Lq, 1) and grad_v (..., 1, Lk) are the gradients of the potentials.
+    ``plan``: P = exp(S + u + v) on the row support; grad_u (..., Lq, 1) and grad_v (..., 1, Lk) are the
+    gradients of the potentials.
     """
     dtype, device = grad_u.dtype, grad_u.device
     inv_target = torch.exp(-torch.as_tensor(support.log_target, dtype=dtype, device=device))

@@ -4,16 +4,15 @@ guards that make the name safe to use (supported families only, persisted on sav
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 from torch import Tensor, nn
 from transformers import AttentionInterface, PreTrainedConfig, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.utils.output_capturing import _active_collector
 
+from .. import compat
 from ..families import check_supported
-from .fast import sinkhorn_attention
 from .masking import support_from_mask
+from .routes import sinkhorn_attention
 from .settings import SinkhornSettings
 
 ATTN_IMPLEMENTATION = "sinkhorn"
@@ -78,47 +77,33 @@ def attentions_requested(kwargs: dict) -> bool:
     """
     if kwargs.get("output_attentions"):
         return True
-    collector = _active_collector.get()
+    collector = compat.active_output_collector()
     return bool(collector) and "attentions" in collector
 
 
-def _check_sinkhorn_request(get_correct_attn_implementation):
+def _check_sinkhorn_request(model: PreTrainedModel, requested_attention: str | None) -> None:
     """Refuse ``sinkhorn`` where it would silently not run (transformers accepts any registered name)."""
-
-    @functools.wraps(get_correct_attn_implementation)
-    def wrapper(self: PreTrainedModel, requested_attention: str | None, is_init_check: bool = False) -> str:
-        if requested_attention == ATTN_IMPLEMENTATION:
-            check_supported(self.config, type(self).__name__)
-            if not (type(self).is_backend_compatible() and type(self)._can_set_attn_implementation()):
-                raise ValueError(
-                    f"{type(self).__name__} does not route its attention through transformers' AttentionInterface, "
-                    "so sinkhorn attention would not run."
-                )
-            if getattr(self.config, "is_decoder", False):
-                raise CausalSinkhornError(
-                    f"{type(self).__name__} is configured as a decoder (is_decoder=True); sinkhorn attention is "
-                    "for bidirectional encoders only, as column normalisation leaks future tokens into the past."
-                )
-            SinkhornSettings.from_config(self.config)  # bad settings fail at load time, not at the first step
-        return get_correct_attn_implementation(self, requested_attention, is_init_check)
-
-    wrapper._sinkhorn_guard = True
-    return wrapper
+    if requested_attention != ATTN_IMPLEMENTATION:
+        return
+    check_supported(model.config, type(model).__name__)
+    if not (type(model).is_backend_compatible() and compat.can_set_attn_implementation(type(model))):
+        raise ValueError(
+            f"{type(model).__name__} does not route its attention through transformers' AttentionInterface, "
+            "so sinkhorn attention would not run."
+        )
+    if getattr(model.config, "is_decoder", False):
+        raise CausalSinkhornError(
+            f"{type(model).__name__} is configured as a decoder (is_decoder=True); sinkhorn attention is "
+            "for bidirectional encoders only, as column normalisation leaks future tokens into the past."
+        )
+    SinkhornSettings.from_config(model.config)  # bad settings fail at load time, not at the first step
 
 
-def _persist_attn_implementation(to_dict):
+def _persist_attn_implementation(config: PreTrainedConfig, output: dict) -> None:
     """Write ``attn_implementation: "sinkhorn"`` into saved configs: transformers drops the key on save, and a
     fine-tuned Sinkformer would otherwise reload as SDPA without a word."""
-
-    @functools.wraps(to_dict)
-    def wrapper(self: PreTrainedConfig) -> dict:
-        output = to_dict(self)
-        if getattr(self, "_attn_implementation_internal", None) == ATTN_IMPLEMENTATION:
-            output["attn_implementation"] = ATTN_IMPLEMENTATION
-        return output
-
-    wrapper._sinkhorn_guard = True
-    return wrapper
+    if compat.config_attn_implementation(config) == ATTN_IMPLEMENTATION:
+        output["attn_implementation"] = ATTN_IMPLEMENTATION
 
 
 def register() -> None:
@@ -129,14 +114,9 @@ def register() -> None:
     AttentionInterface.register(ATTN_IMPLEMENTATION, sinkhorn_attention_forward)
     # Without a registered mask function transformers passes attention_mask=None: padding would get mass.
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
-    if not getattr(PreTrainedModel.get_correct_attn_implementation, "_sinkhorn_guard", False):
-        PreTrainedModel.get_correct_attn_implementation = _check_sinkhorn_request(
-            PreTrainedModel.get_correct_attn_implementation
-        )
-    # transformers routes from_pretrained(..., key=value) into the config only for keys the config already has:
-    # class-level defaults make `sinkhorn_iterations=5` land there (instances override; only those are saved).
-    for name, default in dataclasses.asdict(SinkhornSettings()).items():
-        if not hasattr(PreTrainedConfig, f"sinkhorn_{name}"):
-            setattr(PreTrainedConfig, f"sinkhorn_{name}", default)
-    if not getattr(PreTrainedConfig.to_dict, "_sinkhorn_guard", False):
-        PreTrainedConfig.to_dict = _persist_attn_implementation(PreTrainedConfig.to_dict)
+    compat.patch_attn_implementation_check(_check_sinkhorn_request)
+    # class-level defaults make from_pretrained(..., sinkhorn_iterations=5) land in the config
+    compat.set_config_class_defaults(
+        {f"sinkhorn_{name}": default for name, default in dataclasses.asdict(SinkhornSettings()).items()}
+    )
+    compat.patch_config_to_dict(_persist_attn_implementation)

@@ -1,4 +1,6 @@
-"""Sinkhorn settings stored as plain attributes of a transformers config (so they survive save/reload)."""
+"""Every Sinkhorn option once, validated once: the settings persisted on a transformers config
+(:class:`SinkhornSettings`), the conjugate-gradient settings of the implicit backward (:class:`ImplicitSolver`),
+and what one call hands to a route (:class:`RouteOptions`)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,20 @@ from typing import Any
 DEFAULT_ITERATIONS = 3  # the paper's IMDb and ViT setting
 BACKWARD_MODES = ("unrolled", "implicit")
 STREAMING_MODES = ("auto", True, False)
+
+
+def check_count(name: str, value: Any, optional: bool = False, hint: str = "") -> None:
+    """Refuse ``value`` unless it is an int >= 1 (or None when ``optional``); the message names ``name``."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        allowed = "None or an int >= 1" if optional else "an int >= 1"
+        raise ValueError(f"{name} must be {allowed}{hint}, got {value!r}")
+
+
+def check_iterations(iterations: Any, name: str = "sinkhorn_iterations") -> None:
+    """Refuse an iteration count K that is not an int >= 1."""
+    check_count(name, iterations, hint=" (1 is SoftMax, 3 the paper's default)")
 
 
 @dataclass(frozen=True)
@@ -26,11 +42,7 @@ class SinkhornSettings:
     block_size: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
-            raise ValueError(
-                f"sinkhorn_iterations must be an int >= 1 (1 is SoftMax, 3 the paper's default), "
-                f"got {self.iterations!r}"
-            )
+        check_iterations(self.iterations)
         if self.tolerance is not None and (
             isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float)) or not self.tolerance > 0
         ):
@@ -39,13 +51,8 @@ class SinkhornSettings:
             raise ValueError(f"sinkhorn_backward must be one of {BACKWARD_MODES}, got {self.backward!r}")
         if not (isinstance(self.streaming, bool) or self.streaming == "auto"):
             raise ValueError(f"sinkhorn_streaming must be one of {STREAMING_MODES}, got {self.streaming!r}")
-        for name in ("streaming_threshold", "block_size"):
-            value = getattr(self, name)
-            if (value is not None or name == "streaming_threshold") and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
-                allowed = "an int >= 1" if name == "streaming_threshold" else "None or an int >= 1"
-                raise ValueError(f"sinkhorn_{name} must be {allowed}, got {value!r}")
+        check_count("sinkhorn_streaming_threshold", self.streaming_threshold)
+        check_count("sinkhorn_block_size", self.block_size, optional=True)
 
     @classmethod
     def from_config(cls, config: Any) -> SinkhornSettings:
@@ -56,3 +63,27 @@ class SinkhornSettings:
         """Write these settings onto ``config`` as ``sinkhorn_*`` attributes."""
         for name, value in asdict(self).items():
             setattr(config, f"sinkhorn_{name}", value)
+
+
+@dataclass(frozen=True)
+class ImplicitSolver:
+    """Conjugate gradient settings: ``ridge`` added to the diagonal, stop when every system's residual is below
+    ``tolerance`` times its right-hand side, or after ``max_iterations``."""
+
+    ridge: float = 1e-6
+    tolerance: float = 1e-6
+    max_iterations: int = 100
+
+
+@dataclass(frozen=True)
+class RouteOptions:
+    """What the dense and streaming Functions need beyond their tensors: the validated ``settings`` (iterations K,
+    tolerance, backward mode), the score ``scale``, ``block_size`` queries per score block (None: dense, one
+    block), the attention ``dropout`` probability, ``return_weights`` (dense only) and the implicit ``solver``."""
+
+    settings: SinkhornSettings
+    scale: float
+    block_size: int | None = None
+    dropout: float = 0.0
+    return_weights: bool = False
+    solver: ImplicitSolver = ImplicitSolver()

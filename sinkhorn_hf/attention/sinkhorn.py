@@ -12,14 +12,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Finite on purpose: exp() of it is exactly 0 in float32/64, and unlike -inf it never produces
-# inf - inf = NaN in a logsumexp (or its gradient) over a fully masked row.
-MASKED_LOGIT = -1e30
+from .iterations import half_steps
+from .scores import MASKED_LOGIT, MarginalSupport
+from .settings import check_iterations
 
-
-def _check_iterations(iterations: int) -> None:
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"sinkhorn iterations must be an int >= 1 (1 is SoftMax), got {iterations!r}")
+__all__ = ["MASKED_LOGIT", "log_marginals", "log_sinkhorn", "sinkhorn", "sinkhorn_potentials"]
 
 
 def log_marginals(allowed: Tensor, query_valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -43,34 +40,28 @@ def sinkhorn_potentials(
     iterations: int,
     tolerance: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Potentials after ``iterations`` half-steps (odd steps rows, even steps columns).
+    """Potentials after ``iterations`` half-steps (odd steps rows, even steps columns), on the whole scores.
 
     scores (..., Lq, Lk) float; allowed (..., Lq, Lk) bool; query_valid (..., Lq, 1) bool.
-    Returns u (..., Lq, 1) and v (..., 1, Lk) with log A = S + u + v on the support.
+    Returns u (..., Lq, 1) and v (..., 1, Lk) with log A = S + u + v on the support:
+    u = -lse_k(S + v) over allowed keys, v = log t - lse_q(S + u) over valid queries.
     ``tolerance``: a batch/head entry stops updating once the column sums it would correct are within
     ``tolerance`` of their target (checked on device, so no host synchronisation per step).
     """
-    _check_iterations(iterations)
+    check_iterations(iterations, "iterations")
     column_allowed, column_has_mass, log_target = log_marginals(allowed, query_valid)
-    row_has_mass = allowed.any(dim=-1, keepdim=True)
+    support = MarginalSupport(allowed.any(dim=-1, keepdim=True), column_has_mass, query_valid, log_target)
+
+    def row_lse(v: Tensor) -> Tensor:
+        return torch.where(allowed, scores + v, MASKED_LOGIT).logsumexp(dim=-1, keepdim=True)
+
+    def column_lse(u: Tensor) -> Tensor:
+        return torch.where(column_allowed, scores + u, MASKED_LOGIT).logsumexp(dim=-2, keepdim=True)
+
     u = scores.new_zeros(scores.shape[:-1] + (1,))
     v = scores.new_zeros(scores.shape[:-2] + (1, scores.shape[-1]))
-    converged = None
-    for step in range(iterations):
-        if step % 2 == 0:
-            lse = torch.where(allowed, scores + v, MASKED_LOGIT).logsumexp(dim=-1, keepdim=True)
-            new_u = torch.where(row_has_mass, -lse, 0.0)
-            u = new_u if converged is None else torch.where(converged, u, new_u)
-        else:
-            lse = torch.where(column_allowed, scores + u, MASKED_LOGIT).logsumexp(dim=-2, keepdim=True)
-            if tolerance is not None:
-                # column sums of the current state are exp(lse + v)
-                error = torch.where(column_has_mass, (lse + v - log_target).exp() - 1, 0.0).abs()
-                now = error.amax(dim=-1, keepdim=True) <= tolerance
-                converged = now if converged is None else converged | now
-            new_v = torch.where(column_has_mass, log_target - lse, 0.0)
-            v = new_v if converged is None else torch.where(converged, v, new_v)
-    return u, v
+    us, vs, _ = half_steps(iterations, row_lse, column_lse, u, v, support, tolerance)
+    return us[-1], vs[-1] if vs else v
 
 
 def log_sinkhorn(

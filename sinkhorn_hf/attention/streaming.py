@@ -1,6 +1,6 @@
 """Streaming Sinkhorn attention: no N×N matrix is ever held, and the last pass is PyTorch's fused SDPA.
 
-The half-steps run on blocks of query rows (:mod:`.blocks`, online logsumexp across blocks), always ending on a
+The half-steps run on blocks of query rows (:mod:`.scores`, online logsumexp across blocks), always ending on a
 row step. When K is odd that step is the last one of the algorithm, and A = softmax_k(S + 1bᵀ) with b the last
 column potential: one ``scaled_dot_product_attention`` call with b as an additive key bias gives the output, and
 its fused backward gives dQ, dK, dV. For even K the last step is a column step: A = diag(exp(u_{K-1} - u'))
@@ -14,29 +14,13 @@ SDPA's. Extra memory beyond SDPA's own: two score blocks and O(K·N) iterates.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from .blocks import BlockPlan, ScoreBlocks
-from .implicit import ImplicitSolver, implicit_terms
-from .potentials import block_half_steps, grad_block, step_plans, unrolled_terms
-from .sinkhorn import MASKED_LOGIT
-
-
-@dataclass(frozen=True)
-class StreamingOptions:
-    """``iterations`` K >= 2 (rows first), ``tolerance``, ``backward`` ("unrolled" or "implicit"),
-    ``block_size`` queries per score block, attention ``dropout`` probability."""
-
-    scale: float
-    iterations: int
-    block_size: int
-    tolerance: float | None = None
-    backward: str = "unrolled"
-    dropout: float = 0.0
-    solver: ImplicitSolver = ImplicitSolver()
+from .implicit import implicit_terms
+from .iterations import block_half_steps, grad_block, step_plans, unrolled_terms
+from .scores import MASKED_LOGIT, ScoreBlocks
+from .settings import RouteOptions
 
 
 def sdpa_mask(allowed: Tensor | None, bias: Tensor | None, key_bias: Tensor | None = None) -> Tensor | None:
@@ -75,10 +59,11 @@ class StreamingSinkhornAttention(torch.autograd.Function):
     """(query, key, value, bias, allowed, query_valid, options) -> output (..., Lq, Dv)."""
 
     @staticmethod
-    def forward(ctx, query, key, value, bias, allowed, query_valid, options: StreamingOptions):
+    def forward(ctx, query, key, value, bias, allowed, query_valid, options: RouteOptions):
         blocks = ScoreBlocks(query, key, bias, allowed, query_valid, options.scale, options.block_size)
-        steps = options.iterations + (options.iterations + 1) % 2  # always end on a row step
-        us, vs, frozen = block_half_steps(blocks, steps, options.tolerance)
+        iterations = options.settings.iterations
+        steps = iterations + (iterations + 1) % 2  # always end on a row step
+        us, vs, frozen = block_half_steps(blocks, steps, options.settings.tolerance)
         # SDPA on detached leaves: its graph lives as long as ours (so backward can run more than once).
         needs = list(ctx.needs_input_grad[:4])
         needs[2] = needs[2] or needs[0] or needs[1] or needs[3]  # dV is also needed for the key bias gradient
@@ -98,7 +83,7 @@ class StreamingSinkhornAttention(torch.autograd.Function):
         ctx.counts = (len(us), len(vs))
         ctx.save_for_backward(query, key, value, bias, allowed, query_valid, *us, *vs, *frozen)
         output = inner.detach()
-        if options.iterations % 2 == 0:
+        if iterations % 2 == 0:
             output = output * (us[-2] - us[-1]).exp()
         return _zero_rows_without_mass(output, allowed)
 
@@ -106,13 +91,14 @@ class StreamingSinkhornAttention(torch.autograd.Function):
     def backward(ctx, grad_output):
         query, key, value, bias, allowed, query_valid, *rest = ctx.saved_tensors
         leaves, inner = ctx.inner
-        options: StreamingOptions = ctx.options
+        options: RouteOptions = ctx.options
+        iterations = options.settings.iterations
         n_us, n_vs = ctx.counts
         us, vs, frozen = list(rest[:n_us]), list(rest[n_us : n_us + n_vs]), list(rest[n_us + n_vs :])
         blocks = ScoreBlocks(query, key, bias, allowed, query_valid, options.scale, options.block_size)
         grad_output = _zero_rows_without_mass(grad_output, allowed)
         grad_us = [None] * n_us
-        if options.iterations % 2 == 0:  # output = r ⊙ inner with log r = u_{K-1} - u'
+        if iterations % 2 == 0:  # output = r ⊙ inner with log r = u_{K-1} - u'
             rescale = (us[-2] - us[-1]).exp()
             grad_log_rescale = _rowdot(grad_output, inner.detach()) * rescale
             grad_us[-2], grad_us[-1] = grad_log_rescale, -grad_log_rescale
@@ -130,16 +116,17 @@ class StreamingSinkhornAttention(torch.autograd.Function):
             return None, None, grad_value, None, None, None, None
         # SDPA's own dS is G - P ⊙ D 1ᵀ with G = A ⊙ dA (A the Sinkhorn weights), P = softmax(S + b) and
         # D = rowsum(G) = dO·O; colsum(G) = V_k·dV_k. The key bias b gets colsum(G) - Pᵀ D.
-        softmax = BlockPlan(blocks, us[-1], vs[-1], column=False)
+        softmax = blocks.plan(us[-1], vs[-1], column=False)
         row_sums = _rowdot(grad_output, inner.detach())
         column_sums = _rowdot(value, value_grad_for_bias).transpose(-1, -2)
-        if options.backward == "implicit":  # linearise at A = exp(S + u + v), as the dense route does
-            weights = BlockPlan(blocks, us[-1] if options.iterations % 2 else us[-2], vs[-1], column=False)
+        if options.settings.backward == "implicit":  # linearise at A = exp(S + u + v), as the dense route does
+            weights = blocks.plan(us[-1] if iterations % 2 else us[-2], vs[-1], column=False)
             terms = implicit_terms(weights, row_sums, column_sums, blocks.support, options.solver)
             terms.append((softmax, -row_sums, None))  # SDPA already applied -P ⊙ D 1ᵀ
         else:
             grad_vs = [None] * (n_vs - 1) + [column_sums - softmax.rtimes(row_sums)]
-            terms = unrolled_terms(step_plans(blocks, us, vs), frozen, grad_us, grad_vs, blocks.support)
+            plans = step_plans(blocks.plan, us, vs, blocks.log_target)
+            terms = unrolled_terms(plans, frozen, grad_us, grad_vs, blocks.support)
         targets = {"query": grad_query, "key": grad_key, "bias": grad_bias}
         if grad_bias is None and bias is not None and ctx.needs_input_grad[3]:
             targets["bias"] = torch.zeros_like(bias)

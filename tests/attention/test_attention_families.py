@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TEXT, make_tiny, sharpen
+from tiny_models import TEXT, make_tiny, sharpen
 
 import sinkhorn_hf  # noqa: F401
 
@@ -69,7 +69,7 @@ def test_half_precision_with_padding_is_finite(family, dtype):
 
 
 def test_dropout_applies_in_training_only():
-    tiny = make_tiny("bert", "sinkhorn")
+    tiny = make_tiny("bert", "sinkhorn", dropout=0.1)
     tiny.model.train()
     # keep only attention dropout (BERT's `attention.self.dropout`) active
     for name, module in tiny.model.named_modules():

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 import transformers
-from conftest import make_tiny, sharpen
+from tiny_models import make_tiny, sharpen
 
 import sinkhorn_hf
 from sinkhorn_hf.attention import support_from_mask

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from conftest import make_tiny
+from tiny_models import make_tiny
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import sinkhorn_hf.attention.fast as fast_module
+import sinkhorn_hf.attention.routes as routes_module
 from sinkhorn_hf.attention import SinkhornSettings
-from sinkhorn_hf.attention.fast import sinkhorn_attention
+from sinkhorn_hf.attention.routes import sinkhorn_attention
 
 
 def problem(n=40, lengths=(40, 29), heads=2, dim=8, seed=0, bias=True, dtype=torch.float64):
@@ -62,7 +62,7 @@ def test_no_score_matrix_is_ever_materialised(iterations, padded):
     n, heads, dim = 256, 2, 8
     tensors, masks = problem(n=n, lengths=(n, 200) if padded else (n, n), heads=heads, dim=dim, bias=False)
     masks = masks if padded else {}
-    block_rows = fast_module.block_size_for(SinkhornSettings(streaming=True), n, n, dim)
+    block_rows = routes_module.block_size_for(SinkhornSettings(streaming=True), n, n, dim)
     assert block_rows == 16
     with LargestOutput() as spy:
         out = run(tensors, masks, iterations=iterations, streaming=True)
@@ -76,9 +76,9 @@ def test_no_score_matrix_is_ever_materialised(iterations, padded):
 
 def test_auto_streams_above_the_threshold(monkeypatch):
     routes = []
-    original = fast_module.StreamingSinkhornAttention.apply
+    original = routes_module.StreamingSinkhornAttention.apply
     monkeypatch.setattr(
-        fast_module.StreamingSinkhornAttention, "apply", lambda *a: routes.append("streaming") or original(*a)
+        routes_module.StreamingSinkhornAttention, "apply", lambda *a: routes.append("streaming") or original(*a)
     )
     tiny = make_tiny("bert", "sinkhorn")  # padded batch of length 9
     tiny.model.config.sinkhorn_streaming_threshold = 10

@@ -1,8 +1,9 @@
-"""The Sinkhorn half-steps on score blocks and their exact reverse sweep, shared by both attention routes.
+"""The Sinkhorn half-steps and their exact reverse sweep, shared by the reference and every attention route.
 
-Forward: the iterates of :func:`.sinkhorn.sinkhorn_potentials` (rows first) computed on
-:class:`.blocks.ScoreBlocks` without recording a graph. Backward: the plans of the steps are rebuilt from the
-saved iterates (O(K·N) numbers) and the gradient w.r.t. the scores is returned as a few weighted plans.
+Forward: :func:`half_steps` is the one loop (rows first, tolerance freezing) behind
+:func:`.sinkhorn.sinkhorn_potentials` (whole scores, recorded by autograd) and the routes (score blocks or the
+kernel E, no graph). Backward: the plans of the steps are rebuilt from the saved iterates (O(K·N) numbers) and the
+gradient w.r.t. the scores is returned as a few weighted plans.
 
 A row step u = -lse_k(S + v) has Jacobian -P with P = exp(S + v + u) (rows sum to 1); a column step
 v = log t - lse_q(S + u) has Jacobian -Q with Q = exp(S + u + v - log t) (valid columns sum to 1).
@@ -15,7 +16,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .blocks import BlockPlan, MarginalSupport, ScoreBlocks
+from .scores import MarginalSupport, Plan, ScoreBlocks
+
+# a plan from (row_shift, column_shift, column): see ScoreBlocks.logits for what the three mean
+PlanMaker = Callable[[Tensor, Tensor | float, bool], Plan]
 
 
 def half_steps(
@@ -68,7 +72,7 @@ def block_half_steps(blocks: ScoreBlocks, steps: int, tolerance: float | None):
     return half_steps(steps, blocks.row_lse, blocks.column_lse, u, v, blocks.support, tolerance)
 
 
-def unrolled_terms(plans: list, frozen: list[Tensor], grad_us: list, grad_vs: list, support: MarginalSupport):
+def unrolled_terms(plans: list[Plan], frozen: list[Tensor], grad_us: list, grad_vs: list, support: MarginalSupport):
     """Exact reverse sweep through the half-steps, as terms (plan, left, right) with dS = -Σ plan ⊙ left rightᵀ
     (None = ones).
 
@@ -114,15 +118,16 @@ def unrolled_terms(plans: list, frozen: list[Tensor], grad_us: list, grad_vs: li
     return terms
 
 
-def step_plans(blocks: ScoreBlocks, us: list[Tensor], vs: list[Tensor]) -> list[BlockPlan]:
-    """The plan of every half-step, from the saved iterates."""
+def step_plans(plan: PlanMaker, us: list[Tensor], vs: list[Tensor], log_target: Tensor | float) -> list[Plan]:
+    """The plan of every half-step, from the saved iterates: row step i P = exp(S + u_i + v_{i-1}) (v_{-1} = 0) on
+    the row support, column step i Q = exp(S + u_i + v_i - log t) on the column-marginal support."""
     plans = []
     for step in range(len(us) + len(vs)):
         index = step // 2
         if step % 2 == 0:
-            plans.append(BlockPlan(blocks, us[index], vs[index - 1] if index > 0 else 0.0, column=False))
+            plans.append(plan(us[index], vs[index - 1] if index > 0 else 0.0, False))
         else:
-            plans.append(BlockPlan(blocks, us[index], vs[index] - blocks.log_target, column=True))
+            plans.append(plan(us[index], vs[index] - log_target, True))
     return plans
 
 

@@ -1,4 +1,4 @@
-"""Sinkhorn attention output, by one of three routes that compute the same thing.
+"""Which route a Sinkhorn attention call takes; the three compute the same thing.
 
 - K = 1 is SoftMax: plain ``scaled_dot_product_attention``.
 - Dense (below the streaming threshold, or when the weights are asked for): one autograd Function that
@@ -12,10 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .dense import DenseOptions, dense_attention
-from .implicit import ImplicitSolver
-from .settings import SinkhornSettings
-from .streaming import StreamingOptions, StreamingSinkhornAttention, sdpa_mask
+from .dense import dense_attention
+from .settings import ImplicitSolver, RouteOptions, SinkhornSettings
+from .streaming import StreamingSinkhornAttention, sdpa_mask
 
 MIN_BLOCK_ROWS = 16  # below this, per-block overhead dominates
 
@@ -74,37 +73,18 @@ def _attention(query, key, value, allowed, bias, query_valid, scale, settings, d
     q, k, v = query.to(compute), key.to(compute), value.to(compute)
     bias = None if bias is None else bias.to(compute)
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    iterations = settings.iterations
     n_q, n_k = q.shape[-2], k.shape[-2]
-    block_size = block_size_for(settings, n_q, n_k, q.shape[-1])
-    solver = solver or ImplicitSolver()
-    if iterations == 1 and not return_weights:  # SoftMax
+    if settings.iterations == 1 and not return_weights:  # SoftMax
         output = torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=sdpa_mask(allowed, bias), dropout_p=dropout, scale=scale
         )
         if allowed is not None:  # a query with no allowed key gets zeros, as in the reference
             output = output.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
         return output.to(value.dtype), None
-    if return_weights or block_size is None:
-        dense = DenseOptions(
-            scale=scale,
-            iterations=iterations,
-            tolerance=settings.tolerance,
-            backward=settings.backward,
-            dropout=dropout,
-            return_weights=return_weights,
-            solver=solver,
-        )
-        output, weights = dense_attention(q, k, v, bias, allowed, query_valid, dense)
+    block_size = None if return_weights else block_size_for(settings, n_q, n_k, q.shape[-1])
+    options = RouteOptions(settings, scale, block_size, dropout, return_weights, solver or ImplicitSolver())
+    if block_size is None:
+        output, weights = dense_attention(q, k, v, bias, allowed, query_valid, options)
         return output.to(value.dtype), weights
-    streaming = StreamingOptions(
-        scale=scale,
-        iterations=iterations,
-        block_size=block_size,
-        tolerance=settings.tolerance,
-        backward=settings.backward,
-        dropout=dropout,
-        solver=solver,
-    )
-    output = StreamingSinkhornAttention.apply(q, k, v, bias, allowed, query_valid, streaming)
+    output = StreamingSinkhornAttention.apply(q, k, v, bias, allowed, query_valid, options)
     return output.to(value.dtype), None

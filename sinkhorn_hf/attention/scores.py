@@ -1,4 +1,5 @@
-"""Attention scores visited in blocks of query rows, with the support of the Sinkhorn problem.
+"""Score geometry: the support and marginals of the Sinkhorn problem, scores visited in blocks of query rows, and
+the :class:`Plan` interface every route's plans share.
 
 ``S = scale·Q Kᵀ + bias`` (..., Lq, Lk) is never needed whole: row reductions (over keys) are complete inside a
 block of queries, column reductions (over queries) are accumulated across blocks with an online logsumexp, and
@@ -10,12 +11,14 @@ so extra memory is O(block·Lk) per head instead of O(Lq·Lk)).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
-from .sinkhorn import MASKED_LOGIT
+# Finite on purpose: exp() of it is exactly 0 in float32/64, and unlike -inf it never produces
+# inf - inf = NaN in a logsumexp (or its gradient) over a fully masked row.
+MASKED_LOGIT = -1e30
 
 
 def lse_(x: Tensor, dim: int) -> Tensor:
@@ -155,6 +158,10 @@ class ScoreBlocks:
         blocked = self._blocked_entries(index, column)
         return out if blocked is None else out.masked_fill_(blocked, MASKED_LOGIT)
 
+    def plan(self, row_shift: Tensor, column_shift: Tensor | float, column: bool) -> BlockPlan:
+        """exp(S + row_shift + column_shift) on the row (or column-marginal) support, visited block by block."""
+        return BlockPlan(self, row_shift, column_shift, column)
+
     def row_lse(self, v: Tensor) -> Tensor:
         """logsumexp over allowed keys of S + v, per query (..., Lq, 1)."""
         parts = [lse_(self.logits(i, None, v, column=False), -1) for i in range(len(self.slices))]
@@ -183,7 +190,27 @@ class ScoreBlocks:
             target += grad_scores.sum_to_size(target.shape)
 
 
-class BlockPlan:
+class Plan(Protocol):
+    """A plan P (..., Lq, Lk), e.g. exp(S + u 1ᵀ + 1 vᵀ) on a support, known through products with it.
+
+    Implemented by :class:`BlockPlan` (recomputed score blocks) and :class:`.dense.KernelPlan` (E ⊙ x yᵀ); the
+    reverse sweeps (:mod:`.iterations`, :mod:`.implicit`) use nothing else.
+    """
+
+    def times(self, weight: Tensor) -> Tensor:
+        """P w: (..., 1, Lk) -> (..., Lq, 1)."""
+
+    def rtimes(self, weight: Tensor) -> Tensor:
+        """Pᵀ w: (..., Lq, 1) -> (..., 1, Lk)."""
+
+    def gram(self, weight: Tensor, row_weight: Tensor) -> Tensor:
+        """Pᵀ (row_weight ⊙ P w): (..., 1, Lk) -> (..., 1, Lk)."""
+
+    def block(self, index: int, out: Tensor | None = None) -> Tensor:
+        """P on block ``index`` of query rows (..., rows, Lk), written into ``out`` when given."""
+
+
+class BlockPlan(Plan):
     """The plan exp(S + a 1ᵀ + 1 bᵀ) on the row support (``column=False``) or on the column-marginal support,
     visited block by block (each product recomputes the blocks' exponentials)."""
 

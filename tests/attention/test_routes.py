@@ -4,12 +4,12 @@ validation and model-level switches."""
 
 import pytest
 import torch
-from conftest import make_tiny, sharpen
+from tiny_models import make_tiny, sharpen
 
 import sinkhorn_hf.attention.dense as dense_module
 from sinkhorn_hf.attention import SinkhornSettings
-from sinkhorn_hf.attention.fast import block_size_for, sinkhorn_attention
 from sinkhorn_hf.attention.implicit import ImplicitSolver
+from sinkhorn_hf.attention.routes import block_size_for, sinkhorn_attention
 from sinkhorn_hf.attention.sinkhorn import sinkhorn
 
 SCALE = 0.6

@@ -4,9 +4,9 @@ the reference loop of sinkhorn.py, in float64."""
 import pytest
 import torch
 
-from sinkhorn_hf.attention.blocks import BlockPlan, ScoreBlocks
 from sinkhorn_hf.attention.implicit import ImplicitSolver, implicit_terms
-from sinkhorn_hf.attention.potentials import block_half_steps, grad_block, step_plans, unrolled_terms
+from sinkhorn_hf.attention.iterations import block_half_steps, grad_block, step_plans, unrolled_terms
+from sinkhorn_hf.attention.scores import ScoreBlocks
 from sinkhorn_hf.attention.sinkhorn import MASKED_LOGIT, sinkhorn_potentials
 
 SCALE = 0.7
@@ -69,7 +69,7 @@ def _sweep_gradient(q, k, bias, allowed, query_valid, steps, block_size, toleran
     blocks = ScoreBlocks(q, k, bias, allowed, query_valid, SCALE, block_size)
     us, vs, frozen = block_half_steps(blocks, steps, tolerance)
     grad_us, grad_vs = weights_like(us, seed), weights_like(vs, seed + 1)
-    terms = unrolled_terms(step_plans(blocks, us, vs), frozen, grad_us, grad_vs, blocks.support)
+    terms = unrolled_terms(step_plans(blocks.plan, us, vs, blocks.log_target), frozen, grad_us, grad_vs, blocks.support)
     mine = torch.cat([grad_block(terms, i, blocks.scratch(i).clone()) for i in range(len(blocks.slices))], -2)
     expected_us, expected_vs = reference_iterates(scores, allowed, query_valid, steps, tolerance)
     loss = sum((a * w).sum() for a, w in zip(expected_us + expected_vs, grad_us + grad_vs, strict=True))
@@ -105,7 +105,7 @@ def test_implicit_terms_are_the_converged_gradient(block_size):
 
     blocks = ScoreBlocks(q, k, bias, allowed, query_valid, SCALE, block_size)
     us, vs, _ = block_half_steps(blocks, steps, None)
-    final = BlockPlan(blocks, us[-1], vs[-1], column=False)
+    final = blocks.plan(us[-1], vs[-1], column=False)
     dense = torch.where(allowed, q @ k.transpose(-1, -2) * SCALE + bias + us[-1] + vs[-1], MASKED_LOGIT).exp()
     direct = dense * weights  # d(plan)/d(log plan), before the potentials' own dependence on S
     terms = implicit_terms(final, direct.sum(-1, keepdim=True), direct.sum(-2, keepdim=True), blocks.support, EXACT)
@@ -122,6 +122,7 @@ def test_fully_masked_row_keeps_zero_potential_and_finite_gradient():
         blocks = ScoreBlocks(q, k, bias, allowed, query_valid, SCALE, block_size)
         us, vs, frozen = block_half_steps(blocks, 4, None)
         assert all(torch.all(u[..., 2, :] == 0) for u in us)
-        terms = unrolled_terms(step_plans(blocks, us, vs), frozen, weights_like(us), weights_like(vs), blocks.support)
+        plans = step_plans(blocks.plan, us, vs, blocks.log_target)
+        terms = unrolled_terms(plans, frozen, weights_like(us), weights_like(vs), blocks.support)
         grads = [grad_block(terms, i, blocks.scratch(i).clone()) for i in range(len(blocks.slices))]
         assert all(torch.isfinite(g).all() for g in grads)
