@@ -2,7 +2,8 @@
 inputs (padded for text), and a way to make attention peaked.
 
 ``tiny_config(model_type, layers, dropout, **extra)``: hidden size 16, 2 heads, feed-forward 32; text: vocabulary
-99, 64 positions; images: 32×32 pixels in 8×8 patches (16 patches). ``extra`` overrides any config field.
+99, 64 positions; images: 32×32 pixels in 8×8 patches (Swin: 4×4 patches, windows of 2). ``extra`` overrides any
+config field.
 """
 
 from __future__ import annotations
