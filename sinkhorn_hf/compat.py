@@ -8,6 +8,8 @@ it) with a readable message instead of an ``AttributeError`` deep inside a forwa
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 
@@ -50,6 +52,24 @@ def missing_internals() -> list[str]:
 
 
 # --- transformers: layer stacks and output collection (adjoint/) ---
+
+_ACTIVE_COLLECTOR = _declare(
+    "transformers.utils.output_capturing",
+    "_active_collector",
+    "the ContextVar holding the collector of output_attentions / output_hidden_states; the adjoint resets it so "
+    "that extra evaluations (Heun's second branch call, probes) add no attention maps to the model's outputs",
+)
+
+
+@contextmanager
+def outputs_not_captured() -> Iterator[None]:
+    """Within the block, transformers collects no attention maps or hidden states from the layers it runs."""
+    collector = _resolve(_ACTIVE_COLLECTOR)
+    token = collector.set(None)
+    try:
+        yield
+    finally:
+        collector.reset(token)
 
 
 # --- transformers: auto-class mappings, model construction (hub/, training/) ---
