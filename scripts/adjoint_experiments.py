@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from experiment_files import write_text_atomic
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -117,11 +118,11 @@ def run(depths: list[int], out: Path, gain: float = 2.0, settings: list[str] | N
     try:
         for setting, depth, scheme in tqdm(todo, desc="adjoint gradient error"):
             done.append(measure(setting, depth, scheme, gain))
-            results_path.write_text(json.dumps([asdict(p) for p in done], indent=1))
+            write_text_atomic(results_path, json.dumps([asdict(p) for p in done], indent=1))
     finally:
         torch.set_num_threads(threads)
     points = [p for p in done if p.depth in depths and p.setting in settings]
-    (out / "table.md").write_text(table(points, depths))
+    write_text_atomic(out / "table.md", table(points, depths))
     plot(points, out / "adjoint_error.png")
     return points
 

@@ -27,6 +27,7 @@ from .rules import BASE_RULE, RULES, State
 
 AUTO, OFF = "auto", "off"  # the schemes that are policies over Euler's rule rather than rules of their own
 SCHEMES = (AUTO, *RULES, OFF)
+FORWARD_CHANGING_SCHEMES = tuple(name for name, rule in RULES.items() if rule.changes_forward)
 _ENCODER_DECODER_ARGS = ("encoder_hidden_states", "encoder_attention_mask", "cache", "past_key_values")
 
 

@@ -55,6 +55,7 @@ class Rule:
 
     stores_every_input = False  # True: every layer call keeps its exact input (nothing is rebuilt)
     keeps_norm_stats = True  # the reverse undoes post-LN sums with the forward's (μ, σ)
+    changes_forward = False  # True: not the model's own function (a pretrained model must be fine-tuned with it)
 
     def __init__(self, scale: float = 1.0, momentum: float = 0.9) -> None:
         self.scale, self.momentum = scale, momentum
@@ -119,6 +120,8 @@ class Checkpoint(Euler):
 class Heun(Rule):
     """``z = x + ½[k1 + k2]``, k1 = f(x), k2 = f(x + k1); reverse with the same two evaluations at z."""
 
+    changes_forward = True
+
     def _residual(self, rec: LayerRecord, i: int, sub: Sublayer, x: Tensor) -> Tensor:
         k1 = self._f(rec, 2 * i, sub, x)
         with outputs_not_captured():  # the second evaluation must not add an attention map to the outputs
@@ -135,6 +138,7 @@ class Momentum(Euler):
     """State (x, v): ``v' = γv + (1−γ)(layer(x) − x)``, ``x' = x + v'`` with γ = ``momentum``; exactly invertible."""
 
     keeps_norm_stats = False  # the reverse runs the layer forwards at the rebuilt x: nothing to undo
+    changes_forward = True
 
     def start(self, x: Tensor, carried: State = ()) -> State:
         return (x, *carried) if carried else (x, torch.zeros_like(x))

@@ -9,7 +9,7 @@ from adjoint_helpers import tiny_config, tiny_model
 
 import sinkhorn_hf
 from sinkhorn_hf import UnsupportedModelError, disable_adjoint, enable_adjoint, probe_adjoint
-from sinkhorn_hf.adjoint import adjoint_stacks
+from sinkhorn_hf.adjoint import FORWARD_CHANGING_SCHEMES, SCHEMES, adjoint_stacks
 
 
 @pytest.mark.parametrize(
@@ -101,6 +101,17 @@ def test_heun_changes_the_forward_as_documented():
     expected = model.layernorm(heun(h, lambda t: layer.mlp(layer.layernorm_after(t))))
     enable_adjoint(model, "heun")
     torch.testing.assert_close(model(**inputs).last_hidden_state, expected)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_only_forward_changing_schemes_change_the_output(scheme):
+    model, inputs = tiny_model("bert", dropout=0.0)
+    model.eval()
+    with torch.no_grad():
+        plain = model(**inputs).last_hidden_state
+        enable_adjoint(model, scheme)
+        out = model(**inputs).last_hidden_state
+    assert torch.allclose(out, plain, rtol=1e-5, atol=1e-6) != (scheme in FORWARD_CHANGING_SCHEMES)
 
 
 @pytest.mark.parametrize("scheme", ["heun", "auto"])
