@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .layer_views import Sublayer
+from .record import LayerRecord
 from .rng import forked_rng
 from .rules import Rule, State
 
@@ -104,7 +105,7 @@ def saved_activation_bytes(
     with forked_rng([state[0].device]), torch.enable_grad():
         inputs = tuple(s.detach().requires_grad_() for s in state)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            rule.run(sublayers, inputs, rule.new_record(state[0], training))
+            rule.run(sublayers, inputs, LayerRecord.new(state[0], training, norm_stats=False))  # as plain backprop
     return sum(seen.values())
 
 
