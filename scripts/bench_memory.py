@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
+    from experiment_files import write_text_atomic
     from tqdm.auto import tqdm
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -188,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for depth, config in tqdm(todo, desc="bench_memory"):
         results.append(run_one(args, depth, config))
-        path.write_text(json.dumps({"shape": shape, "results": results}, indent=1))
+        write_text_atomic(path, json.dumps({"shape": shape, "results": results}, indent=1))
     text = table(results, args.depths, args.configs)
-    (args.out / "table.md").write_text(text)
+    write_text_atomic(args.out / "table.md", text)
     print(f"shape: {shape}\n{text}", end="")
     return 0
 

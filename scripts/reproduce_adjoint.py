@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sinkhorn_hf.adjoint.reproduce import SETTINGS, run, table
+from adjoint_experiments import SETTINGS, run, table
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 
@@ -53,7 +54,8 @@ def missing_internals() -> list[str]:
 _OUTPUT_COLLECTOR = _declare(
     "transformers.utils.output_capturing",
     "_active_collector",
-    "the ContextVar holding the outputs a model's forward records (SigLIP asks for attentions only through it)",
+    "the ContextVar holding the outputs a model's forward records (SigLIP asks for attentions only through it; "
+    "the adjoint resets it around extra layer evaluations)",
 )
 _ATTN_CHECK = _declare(
     "transformers",
@@ -150,6 +152,18 @@ def set_config_class_defaults(defaults: dict[str, Any]) -> None:
 
 
 # --- transformers: layer stacks and output collection (adjoint/) ---
+
+
+@contextmanager
+def outputs_not_captured() -> Iterator[None]:
+    """Within the block, transformers collects no attention maps or hidden states from the layers it runs: the
+    adjoint's extra evaluations (Heun's second branch call, probes) must add nothing to the model's outputs."""
+    collector = output_collector_var()
+    token = collector.set(None)
+    try:
+        yield
+    finally:
+        collector.reset(token)
 
 
 # --- transformers: auto-class mappings, model construction (hub/, training/) ---

@@ -3,21 +3,17 @@
 Public entry points: :func:`enable_adjoint`, :func:`disable_adjoint`, :func:`probe_adjoint`.
 """
 
-from .blocks import ADJOINT_FAMILIES, Sublayer, find_stacks
-from .controller import (
-    DEFAULT_TOLERANCE,
-    SCHEMES,
-    AdjointStack,
-    AutoChoice,
-    adjoint_stacks,
-    disable_adjoint,
-    enable_adjoint,
-)
-from .report import AdjointProbe, probe_adjoint
+from .api import DEFAULT_TOLERANCE, SCALE_ATTRIBUTE, disable_adjoint, enable_adjoint, probe_adjoint
+from .attach import FORWARD_CHANGING_SCHEMES, SCHEMES, AdjointStack, adjoint_stacks
+from .auto import AutoChoice
+from .layer_views import ADJOINT_FAMILIES, Sublayer, find_stacks
+from .probe import AdjointProbe
 
 __all__ = [
     "ADJOINT_FAMILIES",
     "DEFAULT_TOLERANCE",
+    "FORWARD_CHANGING_SCHEMES",
+    "SCALE_ATTRIBUTE",
     "SCHEMES",
     "AdjointProbe",
     "AdjointStack",

@@ -1,19 +1,29 @@
-"""Fidelity of the reverse pass: reconstruction errors per layer and the anchors the ``auto`` policy keeps.
+"""Fidelity of the adjoint: rebuild errors per layer, and gradient agreement with exact backprop.
 
 Errors are the worst token's relative error ``max_t ‖x̂_{n,t} − x_{n,t}‖ / ‖x_{n,t}‖``, where x_n is the
 exact input of layer n from a forward pass. The *step* error rebuilds x_n from the exact x_{n+1} (one reverse step);
-the *chained* error rebuilds it from the stack output through all layers above, as the adjoint does. The auto
-policy walks down the stack and stores the input of every layer whose chained error would exceed the tolerance
-(an anchor), restarting the chain from that exact value.
+the *chained* error rebuilds it from the stack output through all layers above, as the adjoint does. The greedy
+anchors walk down the stack and store the input of every layer whose chained error would exceed the tolerance,
+restarting the chain from that exact value (what the ``auto`` policy keeps).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
-from .steps import LayerRecord, LayerStep, State, new_record
+from .layer_views import Sublayer
+from .record import LayerRecord
+from .rng import forked_rng
+from .rules import Rule, State
+
+if TYPE_CHECKING:
+    from .attach import AdjointStack
 
 Tensor = torch.Tensor
 
@@ -42,24 +52,23 @@ class Reconstruction:
 
 @torch.no_grad()
 def measure_reconstruction(
-    steps: list[LayerStep], x0: State, training: bool, tolerance: float, full: bool = True
+    rule: Rule, layers: list[list[Sublayer]], x0: State, training: bool, tolerance: float, full: bool = True
 ) -> Reconstruction:
-    """Run the stack forward from ``x0`` (exactly, keeping every state), then reverse it.
+    """Run the stack (``layers``: each layer's sublayers) forward from ``x0`` keeping every state, then reverse it.
 
     ``full=False`` skips the step and anchor-free chained errors (the auto policy needs only the anchors).
     Random layers replay their own forward masks, so the measurement holds for this batch and these masks.
     """
     states, records = [x0], []
-    devices = [] if x0[0].device.type == "cpu" else [x0[0].device]
-    with torch.random.fork_rng(devices=devices, device_type=x0[0].device.type):
-        for step in steps:
-            rec = new_record(x0[0], training, reversible=step.rule != "momentum")
-            states.append(step.run(states[-1], rec))
+    with forked_rng([x0[0].device]):
+        for sublayers in layers:
+            rec = rule.new_record(x0[0], training)
+            states.append(rule.run(sublayers, states[-1], rec))
             records.append(rec)
-        n_layers = len(steps)
+        n_layers = len(layers)
 
         def rebuild(n: int, out: State) -> State:
-            return steps[n].reverse(out, records[n])
+            return rule.reverse(layers[n], out, records[n])
 
         anchored, anchors, current = [0.0] * n_layers, [], states[-1]
         for n in reversed(range(n_layers)):
@@ -77,10 +86,12 @@ def measure_reconstruction(
             for n in reversed(range(n_layers)):
                 current = rebuild(n, current)
                 chained[n] = relative_error(current[0], states[n][0])
-    return Reconstruction(step_errors, chained, sorted(anchors), anchored, [record_bytes(r) for r in records])
+    return Reconstruction(step_errors, chained, sorted(anchors), anchored, [r.nbytes for r in records])
 
 
-def saved_activation_bytes(step: LayerStep, layer: torch.nn.Module, state: State, training: bool) -> int:
+def saved_activation_bytes(
+    rule: Rule, sublayers: list[Sublayer], layer: nn.Module, state: State, training: bool
+) -> int:
     """Bytes plain backprop keeps for one call of ``layer`` (saved tensors other than its parameters)."""
     seen: dict[int, int] = {}
     params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
@@ -91,15 +102,80 @@ def saved_activation_bytes(step: LayerStep, layer: torch.nn.Module, state: State
             seen[storage.data_ptr()] = storage.nbytes()
         return t
 
-    devices = [] if state[0].device.type == "cpu" else [state[0].device]
-    with torch.random.fork_rng(devices=devices, device_type=state[0].device.type), torch.enable_grad():
+    with forked_rng([state[0].device]), torch.enable_grad():
         inputs = tuple(s.detach().requires_grad_() for s in state)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            step.run(inputs, new_record(state[0], training, reversible=False))
+            rule.run(sublayers, inputs, LayerRecord.new(state[0], training, norm_stats=False))  # as plain backprop
     return sum(seen.values())
 
 
-def record_bytes(record: LayerRecord) -> int:
-    """Bytes a reversible layer call keeps: LayerNorm statistics and RNG states."""
-    total = sum(m.nbytes + s.nbytes for m, s in record.stats or [])
-    return total + sum(r.cpu.nbytes + (0 if r.accel is None else r.accel.nbytes) for r in record.rng or [])
+@dataclass
+class AdjointProbe:
+    """Fidelity of one model's adjoint on one batch.
+
+    ``stacks`` maps each stack (e.g. ``"bert.encoder.layer"``) to its reconstruction errors (see
+    :class:`Reconstruction`). ``grad_cosine`` and ``grad_rel_error`` compare the gradients of all trainable
+    parameters under the model's scheme (with the anchors auto chose, if auto) with exact backprop of the same
+    forward and the same dropout masks: cos = ⟨g, g*⟩/(‖g‖‖g*‖), rel = ‖g − g*‖/‖g*‖.
+    """
+
+    scheme: str
+    stacks: dict[str, Reconstruction]
+    grad_cosine: float
+    grad_rel_error: float
+
+    @property
+    def step_errors(self) -> list[float]:
+        return next(iter(self.stacks.values())).step_errors
+
+    @property
+    def chained_errors(self) -> list[float]:
+        return next(iter(self.stacks.values())).chained_errors
+
+    @property
+    def anchors(self) -> list[int]:
+        return next(iter(self.stacks.values())).anchors
+
+
+def scalar_loss(output: Any) -> Tensor:
+    """The model's loss if it returned one, else a fixed random projection of its first output."""
+    loss = getattr(output, "loss", None)
+    if loss is not None:
+        return loss
+    first = output[0] if not isinstance(output, torch.Tensor) else output
+    weights = torch.randn(first.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    return (first.float() * weights.to(first.device)).sum()
+
+
+def _grads(model: Callable[..., Any], batch: Mapping[str, Any], params: list[nn.Parameter]) -> list[Tensor]:
+    loss = scalar_loss(model(**batch))
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+
+
+def compare_with_backprop(
+    model: nn.Module, batch: Mapping[str, Any], stacks: list[AdjointStack], scheme: str
+) -> AdjointProbe:
+    """Probe ``stacks`` (attached to ``model``) on ``batch``: rebuild errors, then the gradients of the trainable
+    parameters by the adjoint and by exact backprop of the same forward from the same RNG state (same masks).
+
+    Parameter ``.grad`` fields are not touched; the global RNG is left as it was. Three forwards, two backwards.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    with forked_rng({p.device for p in params}) as start:
+        for stack in stacks:
+            stack.request_probe()
+        with torch.no_grad():
+            model(**batch)
+        start.restore()
+        with ExitStack() as exact_mode:
+            for stack in stacks:
+                exact_mode.enter_context(stack.storing_every_input())
+            exact = _grads(model, batch, params)
+        start.restore()
+        adjoint = _grads(model, batch, params)
+    g = torch.cat([t.detach().double().flatten() for t in adjoint])
+    g_exact = torch.cat([t.detach().double().flatten() for t in exact])
+    cosine = float(g @ g_exact / (g.norm() * g_exact.norm()).clamp_min(1e-300))
+    rel = float((g - g_exact).norm() / g_exact.norm().clamp_min(1e-300))
+    return AdjointProbe(scheme, {s.stack.name: s.reconstruction for s in stacks}, cosine, rel)

@@ -17,7 +17,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .. import __version__
-from ..adjoint.controller import SCALE_ATTRIBUTE
+from ..adjoint import SCALE_ATTRIBUTE
 from ..attention.settings import SinkhornSettings
 from .convert import CONFIG_NAME, CONVERSION_RECORD
 from .model_kind import model_kind

@@ -1,11 +1,18 @@
-"""Tiny random models of every family the adjoint supports, and exact-backprop references."""
+"""Tiny random models of every family the adjoint supports, exact-backprop references, and the scripts' modules."""
 
 from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import torch
 import transformers
 
-from sinkhorn_hf.adjoint.report import scalar_loss
+from sinkhorn_hf.adjoint.probe import scalar_loss
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 CONFIGS = {
     "bert": ("BertConfig", "BertModel"),
@@ -22,6 +29,13 @@ CONFIGS = {
     "dinov2": ("Dinov2Config", "Dinov2Model"),
 }
 TEXT = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "distilbert", "albert")
+
+
+def script_module(name: str) -> ModuleType:
+    """``scripts/<name>.py`` imported as a module, with scripts/ on the path for its sibling helper modules."""
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    return importlib.import_module(name)
 
 
 def tiny_config(model_type: str, layers: int = 3, dropout: float = 0.1, **extra):

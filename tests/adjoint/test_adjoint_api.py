@@ -9,7 +9,7 @@ from adjoint_helpers import tiny_config, tiny_model
 
 import sinkhorn_hf
 from sinkhorn_hf import UnsupportedModelError, disable_adjoint, enable_adjoint, probe_adjoint
-from sinkhorn_hf.adjoint import adjoint_stacks
+from sinkhorn_hf.adjoint import FORWARD_CHANGING_SCHEMES, SCHEMES, adjoint_stacks
 
 
 @pytest.mark.parametrize(
@@ -103,6 +103,17 @@ def test_heun_changes_the_forward_as_documented():
     torch.testing.assert_close(model(**inputs).last_hidden_state, expected)
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_only_forward_changing_schemes_change_the_output(scheme):
+    model, inputs = tiny_model("bert", dropout=0.0)
+    model.eval()
+    with torch.no_grad():
+        plain = model(**inputs).last_hidden_state
+        enable_adjoint(model, scheme)
+        out = model(**inputs).last_hidden_state
+    assert torch.allclose(out, plain, rtol=1e-5, atol=1e-6) != (scheme in FORWARD_CHANGING_SCHEMES)
+
+
 @pytest.mark.parametrize("scheme", ["heun", "auto"])
 def test_output_attentions_has_one_map_per_layer(scheme):
     # Heun evaluates each branch twice and auto probes the stack: neither may add attention maps.
@@ -137,5 +148,8 @@ def test_probe_refuses_frozen_models_and_off():
 
 
 def test_public_api_is_exported():
-    assert sinkhorn_hf.enable_adjoint is enable_adjoint
-    assert {"enable_adjoint", "disable_adjoint", "probe_adjoint"} <= set(sinkhorn_hf.__all__)
+    import sinkhorn_hf.adjoint as adjoint
+
+    for name in ("enable_adjoint", "disable_adjoint", "probe_adjoint"):
+        assert name in sinkhorn_hf.__all__ and getattr(sinkhorn_hf, name) is getattr(adjoint, name)
+    assert all(hasattr(adjoint, name) for name in adjoint.__all__)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 
 import torch
-from adjoint_helpers import loss_and_grads, rel_error, tiny_model, unit_scale_stream
+from adjoint_helpers import loss_and_grads, rel_error, script_module, tiny_model, unit_scale_stream
 
 from sinkhorn_hf.adjoint import enable_adjoint
-from sinkhorn_hf.adjoint.depth import set_depth_profile
 
-LOGGER = "sinkhorn_hf.adjoint.controller"
+LOGGER = "sinkhorn_hf.adjoint.auto"
+set_depth_profile = script_module("adjoint_experiments").set_depth_profile
 
 
 def _ode_like(residual_scale, layers=16):

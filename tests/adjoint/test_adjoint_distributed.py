@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 from adjoint_helpers import ddp_worker, rel_error, tiny_model
 
-from sinkhorn_hf.adjoint.report import scalar_loss
+from sinkhorn_hf.adjoint.probe import scalar_loss
 
 
 def _free_port() -> int:
@@ -18,6 +18,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["euler"])
 def test_ddp_via_accelerate(scheme, tmp_path):
     out = tmp_path / "grads.pt"

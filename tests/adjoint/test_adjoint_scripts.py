@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from adjoint_helpers import script_module
 
 
 def test_reproduce_adjoint_small(tmp_path, capsys, monkeypatch):
-    reproduce = _load("reproduce_adjoint")
+    reproduce = script_module("reproduce_adjoint")
     args = ["--depths", "8", "16", "--settings", "smooth", "--out", str(tmp_path)]
     assert reproduce.main(args) == 0
     printed = capsys.readouterr().out
@@ -37,16 +25,14 @@ def test_reproduce_adjoint_small(tmp_path, capsys, monkeypatch):
     for scheme in ("euler", "heun"):  # and the error falls with depth
         assert points[("smooth", scheme, 16)] < points[("smooth", scheme, 8)]
     # A rerun resumes: nothing is measured again.
-    import sinkhorn_hf.adjoint.reproduce as module
-
-    monkeypatch.setattr(module, "measure", lambda *a: pytest.fail("measured again"))
+    monkeypatch.setattr(script_module("adjoint_experiments"), "measure", lambda *a: pytest.fail("measured again"))
     assert reproduce.main(args) == 0
     with pytest.raises(SystemExit):
         reproduce.main(["--depths", "1", "--out", str(tmp_path)])
 
 
 def test_bench_memory_worker_and_table():
-    bench = _load("bench_memory")
+    bench = script_module("bench_memory")
     common = ["--seq-len", "16", "--batch-size", "2", "--hidden", "32", "--heads", "2", "--steps", "1"]
     rows = [bench.worker(bench.parse([*common, "--worker", "--depth", "2", "--config", c])) for c in ("plain", "euler")]
     assert all(r["peak_bytes"] >= 0 and r["step_s"] > 0 for r in rows)
@@ -56,8 +42,9 @@ def test_bench_memory_worker_and_table():
         bench.parse(["--hidden", "30", "--heads", "4"])
 
 
+@pytest.mark.slow
 def test_bench_memory_runs_each_config_in_its_own_process(tmp_path, capsys):
-    bench = _load("bench_memory")
+    bench = script_module("bench_memory")
     args = [
         "--depths",
         "2",
@@ -80,3 +67,14 @@ def test_bench_memory_runs_each_config_in_its_own_process(tmp_path, capsys):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert [r["config"] for r in saved["results"]] == ["plain"]
     assert "| 2 |" in capsys.readouterr().out
+
+
+def test_results_are_written_atomically(tmp_path):
+    write_text_atomic = script_module("experiment_files").write_text_atomic
+    path = tmp_path / "results.json"
+    path.write_text("old")
+    with pytest.raises(TypeError):
+        write_text_atomic(path, None)  # a write that fails half-way leaves the old file and no temporary one
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    write_text_atomic(path, "new θ")
+    assert path.read_text(encoding="utf-8") == "new θ" and len(list(tmp_path.iterdir())) == 1

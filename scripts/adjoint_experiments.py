@@ -1,23 +1,58 @@
-"""Sander et al. (NeurIPS 2022), adjoint experiment: gradient error of the reverse pass versus depth N.
+"""Adjoint experiments: weights with a profile across depth, and the gradient error of the reverse pass vs depth N.
 
-The stacks are small pre-LN encoders (ViT layers, hidden 16, 17 tokens) in float64, with an O(1) residual
-stream and weight matrices of gain ``gain`` either smooth in depth (θ_n = θ(n/N)) or i.i.d. across layers
-(see :mod:`.depth`). Each is trained by exact backprop and by the adjoint (Euler, Heun); the error is
-‖g_adjoint − g_exact‖ / ‖g_exact‖ over all parameters, as returned by :func:`~.report.probe_adjoint`.
+Depth profiles: with residual scale 1/N (``enable_adjoint(..., residual_scale="1/L")``) a stack
+``x_{n+1} = x_n + f(x_n, θ_n)/N`` discretises the ODE ``ẋ = f(x, θ(t))`` when θ_n = θ(n/N) for a smooth θ; the
+reverse pass then converges as N grows (Sander et al., NeurIPS 2022). ``"smooth"`` sets every weight matrix to
+θ(t) = A·cos(πt/2) + B·sin(πt/2) with A, B Gaussian; ``"iid"`` draws each layer's matrices independently. Entries
+have standard deviation ``gain/√fan_in``, so each branch has gain about ``gain``. LayerNorm parameters and biases
+are left alone.
+
+The experiment (run by ``scripts/reproduce_adjoint.py``): the stacks are small pre-LN encoders (ViT layers,
+hidden 16, 17 tokens) in float64, with an O(1) residual stream and weight matrices of gain ``gain`` either smooth
+in depth or i.i.d. across layers. Each is trained by exact backprop and by the adjoint (Euler, Heun); the error is
+‖g_adjoint − g_exact‖ / ‖g_exact‖ over all parameters, as returned by :func:`sinkhorn_hf.probe_adjoint`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from experiment_files import write_text_atomic
+from torch import nn
 from tqdm.auto import tqdm
 
-from .controller import enable_adjoint
-from .depth import set_depth_profile
-from .report import probe_adjoint
+from sinkhorn_hf.adjoint import enable_adjoint, find_stacks, probe_adjoint
+
+PROFILES = ("smooth", "iid")
+
+
+@torch.no_grad()
+def set_depth_profile(model: nn.Module, profile: str, gain: float = 1.0, seed: int = 0) -> None:
+    """Overwrite the weight matrices of every residual stack of ``model`` with a ``profile`` across depth."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown depth profile {profile!r}; choose one of {', '.join(PROFILES)}.")
+    generator = torch.Generator().manual_seed(seed)
+    for stack in find_stacks(model):
+        layers = list({id(m): m for m in stack.positions}.values())
+        depth = len(layers)
+        for name, first in layers[0].named_parameters():
+            if first.dim() < 2:
+                continue
+            std = gain / math.sqrt(first.shape[-1])
+
+            def draw(shape=first.shape, std=std) -> torch.Tensor:
+                return torch.randn(shape, generator=generator, dtype=torch.float64) * std
+
+            a, b = draw(), draw()
+            for n, layer in enumerate(layers):
+                t = n / max(depth - 1, 1)
+                value = a * math.cos(math.pi * t / 2) + b * math.sin(math.pi * t / 2) if profile == "smooth" else draw()
+                layer.get_parameter(name).copy_(value)
+
 
 # name -> (weight profile across depth, residual scale as a function of N, label)
 SETTINGS = {
@@ -83,11 +118,11 @@ def run(depths: list[int], out: Path, gain: float = 2.0, settings: list[str] | N
     try:
         for setting, depth, scheme in tqdm(todo, desc="adjoint gradient error"):
             done.append(measure(setting, depth, scheme, gain))
-            results_path.write_text(json.dumps([asdict(p) for p in done], indent=1))
+            write_text_atomic(results_path, json.dumps([asdict(p) for p in done], indent=1))
     finally:
         torch.set_num_threads(threads)
     points = [p for p in done if p.depth in depths and p.setting in settings]
-    (out / "table.md").write_text(table(points, depths))
+    write_text_atomic(out / "table.md", table(points, depths))
     plot(points, out / "adjoint_error.png")
     return points
 

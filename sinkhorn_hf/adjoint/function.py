@@ -1,14 +1,14 @@
-"""The reversible-stack autograd Function.
+"""The reversible-layer autograd Function: rebuild a layer's input, recompute it, return its VJPs.
 
 Each layer call of a stack is one ``AdjointLayer.apply``. Its forward runs the layer without building a graph
-and keeps only a small :class:`~.steps.LayerRecord` (LayerNorm statistics, RNG states); a layer marked as an
+and keeps only a small :class:`~.record.LayerRecord` (LayerNorm statistics, RNG states); a layer marked as an
 anchor also keeps its input. The stack's latest output is kept on a per-pass :class:`Tape`. Backward runs top
 down: layer n takes its output from the tape (the stack output for the top layer, else the input rebuilt by
-layer n+1), rebuilds its own input by the reverse step (or takes its stored input), puts that on the tape for
-layer n−1, recomputes its forward with a graph at that point and returns the vector-Jacobian products for its
-input and its trainable parameters. Parameters are inputs of the Function, so gradients reach them through
-autograd's usual accumulation: frozen parameters get none, shared (tied) parameters get the sum over layers,
-and DDP's hooks fire as in plain backprop.
+layer n+1), rebuilds its own input by the reverse rule (or takes its stored input), puts that on the tape for
+layer n−1, recomputes its forward with a graph at that point (replaying the forward's RNG states and autocast)
+and returns the vector-Jacobian products for its input and its trainable parameters. Parameters are inputs of
+the Function, so gradients reach them through autograd's usual accumulation: frozen parameters get none, shared
+(tied) parameters get the sum over layers, and DDP's hooks fire as in plain backprop.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .steps import LayerStep, State, new_record
+from .layer_views import Sublayer
+from .rules import Rule, State
 
 Tensor = torch.Tensor
 
@@ -57,10 +58,11 @@ class Tape:
 class LayerCall:
     """Everything the Function needs about one layer call besides tensors."""
 
-    step: LayerStep
+    rule: Rule
+    sublayers: list[Sublayer]
     tape: Tape
     position: int
-    store_input: bool  # an anchor (or scheme="checkpoint"): keep the exact input instead of rebuilding it
+    store_input: bool  # an anchor (or the checkpoint rule): keep the exact input instead of rebuilding it
     training: bool
 
 
@@ -70,8 +72,8 @@ class AdjointLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call: LayerCall, n_state: int, *tensors: Tensor) -> State:
         state = tensors[:n_state]
-        record = new_record(state[0], call.training, reversible=call.step.rule != "momentum")
-        out = call.step.run(state, record)
+        record = call.rule.new_record(state[0], call.training)
+        out = call.rule.run(call.sublayers, state, record)
         # Parameters are leaves: holding them here keeps nothing alive that the model does not.
         ctx.call, ctx.record, ctx.n_state, ctx.params = call, record, n_state, tensors[n_state:]
         device_type = state[0].device.type
@@ -92,11 +94,11 @@ class AdjointLayer(torch.autograd.Function):
                 call.tape.discard_output(call.position)
             else:
                 with torch.no_grad():
-                    state = call.step.reverse(call.tape.output_of(call.position), record)
+                    state = call.rule.reverse(call.sublayers, call.tape.output_of(call.position), record)
             call.tape.put_input(call.position, state)
             with torch.enable_grad():
                 state = tuple(s.detach().requires_grad_(n) for s, n in zip(state, needs[:n_state], strict=True))
-                out = call.step.run(state, record.replaying())
+                out = call.rule.run(call.sublayers, state, record.replaying())
                 inputs = (*state, *ctx.params)
                 wanted = [t for t, n in zip(inputs, needs, strict=True) if n]
                 grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))

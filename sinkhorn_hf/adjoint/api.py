@@ -1,0 +1,134 @@
+"""The public face of the adjoint: :func:`enable_adjoint`, :func:`disable_adjoint`, :func:`probe_adjoint`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from ..families import UnsupportedModelError
+from .attach import AUTO, OFF, SCHEMES, AdjointStack, adjoint_stacks
+from .layer_views import find_stacks
+from .probe import AdjointProbe, compare_with_backprop
+from .rules import BASE_RULE
+
+DEFAULT_TOLERANCE = 1e-2
+SCALE_ATTRIBUTE = "adjoint_residual_scale"  # config attribute: a float or "1/L"
+
+
+def _resolve_scale(spec: Any, n_layers: int) -> float:
+    if spec is None:
+        return 1.0
+    if spec == "1/L":
+        return 1.0 / n_layers
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool) and spec > 0:
+        return float(spec)
+    raise ValueError(f"residual_scale must be a positive number or '1/L', got {spec!r}.")
+
+
+def enable_adjoint(
+    model: nn.Module,
+    scheme: str = AUTO,
+    tolerance: float = DEFAULT_TOLERANCE,
+    *,
+    probe_every: int | None = None,
+    residual_scale: float | str | None = None,
+    momentum: float = 0.9,
+) -> list[AdjointStack]:
+    """Train ``model``'s residual layer stack(s) with memory-saving backward passes.
+
+    Schemes: ``"euler"`` rebuilds each layer input by the reverse step (the model's forward is unchanged);
+    ``"heun"`` uses Heun's forward and reverse (changes the forward); ``"checkpoint"`` stores each layer input and
+    recomputes (exact); ``"momentum"`` makes the stack exactly invertible with momentum residuals (changes the
+    forward, to be fine-tuned); ``"auto"`` (Euler forward) probes the reconstruction on the first training batch
+    (and every ``probe_every`` batches), stores an exact anchor at each layer whose rebuilt input would be off
+    by more than ``tolerance`` (relative), rebuilds the rest, and logs the choice; ``"off"`` runs plain backprop.
+    ``residual_scale`` multiplies every residual branch (``"1/L"``: one over the stack depth, for ODE-like
+    models); it is stored as ``config.adjoint_residual_scale`` (None: read it from there, default 1), survives
+    ``save_pretrained``, and is applied by this function only: call it again after reloading.
+    Returns the attached stacks (their ``anchors`` and ``choice`` can be inspected).
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown adjoint scheme {scheme!r}; choose one of {', '.join(SCHEMES)}.")
+    if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not tolerance > 0:
+        raise ValueError(f"tolerance must be a positive number (relative error), got {tolerance!r}.")
+    if probe_every is not None and (not isinstance(probe_every, int) or probe_every < 1):
+        raise ValueError(f"probe_every must be None or an integer ≥ 1, got {probe_every!r}.")
+    if not 0.0 < momentum < 1.0:
+        raise ValueError(f"momentum must lie in (0, 1) (0 cannot be inverted), got {momentum!r}.")
+    config = getattr(model, "config", None)
+    if residual_scale is not None:
+        _resolve_scale(residual_scale, 1)
+    spec = residual_scale if residual_scale is not None else getattr(config, SCALE_ATTRIBUTE, None)
+    _remove_stacks(model)
+    if scheme == OFF and spec in (None, 1, 1.0):
+        if config is not None and residual_scale is not None:
+            setattr(config, SCALE_ATTRIBUTE, residual_scale)
+        return []
+    stacks = find_stacks(model)
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        raise UnsupportedModelError("the adjoint supports bidirectional encoders only (config.is_decoder is set).")
+    flag = (
+        "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    )
+    if getattr(model, flag, False):
+        raise ValueError(
+            "gradient checkpointing is enabled on this model; the adjoint replaces it: call "
+            "model.gradient_checkpointing_disable() first (scheme='checkpoint' gives the same exact recomputation)."
+        )
+    if residual_scale is not None:
+        setattr(config, SCALE_ATTRIBUTE, residual_scale)
+    return [
+        AdjointStack(s, scheme, float(tolerance), probe_every, _resolve_scale(spec, len(s.positions)), momentum)
+        for s in stacks
+    ]
+
+
+def disable_adjoint(model: nn.Module) -> None:
+    """Give the layers back their own forward (plain backprop).
+
+    A model with a residual scale other than 1 keeps it (its function depends on it): its layers stay wrapped
+    with scheme ``"off"``.
+    """
+    _remove_stacks(model)
+    config = getattr(model, "config", None)
+    spec = getattr(config, SCALE_ATTRIBUTE, None)
+    if spec not in (None, 1, 1.0):
+        for s in find_stacks(model):
+            AdjointStack(s, OFF, DEFAULT_TOLERANCE, None, _resolve_scale(spec, len(s.positions)), 0.9)
+
+
+def _remove_stacks(model: nn.Module) -> None:
+    for stack in adjoint_stacks(model):
+        stack.remove()
+
+
+def probe_adjoint(
+    model: nn.Module, batch: Mapping[str, Any], *, scheme: str | None = None, tolerance: float | None = None
+) -> AdjointProbe:
+    """Reconstruction errors per layer and gradient agreement with exact backprop, on ``batch``.
+
+    Uses the scheme the model is under (``scheme`` overrides it for this probe; a model without the adjoint is
+    probed under ``"euler"``). The model's train/eval mode is respected: in train mode both gradient runs
+    see the same dropout masks. Parameter ``.grad`` fields are not touched; the global RNG is left as it was.
+    Costs three forward and two backward passes.
+    """
+    previous = adjoint_stacks(model)
+    restore = dict(previous[0].settings) if previous else None
+    chosen_scheme = scheme or (restore["scheme"] if restore else BASE_RULE)
+    chosen_tolerance = tolerance if tolerance is not None else (restore["tolerance"] if restore else DEFAULT_TOLERANCE)
+    if chosen_scheme == OFF:
+        raise ValueError("probe_adjoint needs an adjoint scheme; the model's scheme is 'off'.")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("probe_adjoint needs trainable parameters; all of the model's are frozen.")
+    temporary = scheme is not None or tolerance is not None or not previous
+    if temporary:
+        enable_adjoint(model, chosen_scheme, chosen_tolerance)
+    try:
+        return compare_with_backprop(model, batch, adjoint_stacks(model), chosen_scheme)
+    finally:
+        if temporary:
+            disable_adjoint(model)
+            if restore is not None:
+                enable_adjoint(model, restore.pop("scheme"), **restore)
