@@ -125,7 +125,9 @@ def triton_sinkhorn_attention(
     if query_valid is None:
         query_valid = ones.expand(batch, heads, n_q, 1)
     elif query_valid.dtype != torch.bool or query_valid.shape[-1] != 1:
-        raise ValueError(f"query_valid must be bool (B, 1|H, Lq, 1), got {query_valid.dtype} {tuple(query_valid.shape)}")
+        raise ValueError(
+            f"query_valid must be bool (B, 1|H, Lq, 1), got {query_valid.dtype} {tuple(query_valid.shape)}"
+        )
     if bias is not None and not bias.is_floating_point():
         raise ValueError(f"bias must be a float additive bias, got {bias.dtype}")
     from .function import TritonOptions, TritonSinkhornAttention  # imports triton and decorates the kernels

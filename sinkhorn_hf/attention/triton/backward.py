@@ -20,7 +20,17 @@ from torch import Tensor
 
 from .forward import ForwardState, column_reduce, row_reduce
 from .problem import Problem
-from .tiles import load_matrix, load_rows, load_vector, score_tile, shifted_logits, store_matrix, support_tile
+from .tiles import (
+    MASKED,
+    dot,
+    load_matrix,
+    load_rows,
+    load_vector,
+    score_tile,
+    shifted_logits,
+    store_matrix,
+    support_tile,
+)
 
 
 @triton.jit
@@ -38,16 +48,21 @@ def _grad_scores_tile(P, ST, N, q, k, v, grad_out, offs_m, offs_n, U, B, TERMS, 
     is-column flags) stacked over the terms t, plan_t = e^{S + a_t + c_t} on its row or column support."""
     s, row_support, weights = _weights_tile(P, ST, N, q, k, offs_m, offs_n, U, B, HAS_BIAS)
     column_support = support_tile(P, ST, N, offs_m, offs_n, True)
-    grad = weights * tl.dot(grad_out, tl.trans(v), input_precision="ieee")
-    rows = tl.num_programs(1)
+    grad = weights * dot(grad_out, tl.trans(v))
+    # per term: plain loads, not load_vector/shifted_logits (nested jit calls are slow in the interpreter)
+    in_m, in_n = offs_m < N[1], offs_n < N[2]
+    rows_at = TERMS[0] + tl.program_id(1) * N[1] + offs_m
+    columns_at = TERMS[1] + tl.program_id(1) * N[2] + offs_n
+    lefts_at = TERMS[2] + tl.program_id(1) * N[1] + offs_m
+    rights_at = TERMS[3] + tl.program_id(1) * N[2] + offs_n
     for t in range(n_terms):
-        row_shift = load_vector(TERMS[0] + t * rows * N[1], offs_m, N[1])
-        left = load_vector(TERMS[2] + t * rows * N[1], offs_m, N[1])
-        column_shift = load_vector(TERMS[1] + t * rows * N[2], offs_n, N[2])
-        right = load_vector(TERMS[3] + t * rows * N[2], offs_n, N[2])
+        row_shift = tl.load(rows_at + t * tl.num_programs(1) * N[1], mask=in_m, other=0.0)
+        left = tl.load(lefts_at + t * tl.num_programs(1) * N[1], mask=in_m, other=0.0)
+        column_shift = tl.load(columns_at + t * tl.num_programs(1) * N[2], mask=in_n, other=0.0)
+        right = tl.load(rights_at + t * tl.num_programs(1) * N[2], mask=in_n, other=0.0)
         support = tl.where(tl.load(TERMS[4] + t) != 0, column_support, row_support)
-        plan = tl.exp(shifted_logits(s, support, row_shift, column_shift))
-        grad -= plan * left[:, None] * right[None, :]
+        logits = tl.where(support, s + row_shift[:, None] + column_shift[None, :], MASKED)
+        grad -= tl.exp(logits) * left[:, None] * right[None, :]
     return grad
 
 
@@ -68,7 +83,7 @@ def value_grad_kernel(
         q = load_rows(P, ST, N, 0, offs_m, offs_d)
         grad_out = load_matrix(GRAD_OUT, offs_m, N[1], offs_dv, N[4])
         _, _, weights = _weights_tile(P, ST, N, q, k, offs_m, offs_n, U, B, HAS_BIAS)
-        acc += tl.dot(tl.trans(weights).to(grad_out.dtype), grad_out, input_precision="ieee")
+        acc += dot(tl.trans(weights).to(grad_out.dtype), grad_out)
     store_matrix(GRAD_VALUE, offs_n, N[2], offs_dv, N[4], acc)
 
 
@@ -90,7 +105,7 @@ def query_grad_kernel(
         k = load_rows(P, ST, N, 1, offs_n, offs_d)
         v = load_rows(P, ST, N, 2, offs_n, offs_dv)
         grad = _grad_scores_tile(P, ST, N, q, k, v, grad_out, offs_m, offs_n, U, B, TERMS, n_terms, HAS_BIAS)
-        acc += tl.dot(grad.to(k.dtype), k, input_precision="ieee")
+        acc += dot(grad.to(k.dtype), k)
         if STORE_SCORES:
             store_matrix(GRAD_SCORES, offs_m, N[1], offs_n, N[2], grad)
     store_matrix(GRAD_QUERY, offs_m, N[1], offs_d, N[3], acc * N[5])
@@ -114,7 +129,7 @@ def key_grad_kernel(
         q = load_rows(P, ST, N, 0, offs_m, offs_d)
         grad_out = load_matrix(GRAD_OUT, offs_m, N[1], offs_dv, N[4])
         grad = _grad_scores_tile(P, ST, N, q, k, v, grad_out, offs_m, offs_n, U, B, TERMS, n_terms, HAS_BIAS)
-        acc += tl.dot(tl.trans(grad).to(q.dtype), q, input_precision="ieee")
+        acc += dot(tl.trans(grad).to(q.dtype), q)
     store_matrix(GRAD_KEY, offs_n, N[2], offs_d, N[3], acc * N[5])
 
 

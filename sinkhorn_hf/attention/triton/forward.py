@@ -20,6 +20,7 @@ from ..sinkhorn import MASKED_LOGIT
 from .problem import Problem
 from .tiles import (
     MASKED,
+    dot,
     load_rows,
     load_vector,
     score_tile,
@@ -113,7 +114,7 @@ def output_kernel(
         alpha = tl.exp(peak - new_peak)
         p = tl.exp(logits - new_peak[:, None])
         total = total * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
         peak = new_peak
     lse = peak + tl.log(total)
     out = tl.where((lse > MASKED / 2)[:, None], acc / total[:, None], 0.0)
@@ -133,7 +134,9 @@ class ForwardState(NamedTuple):
     log_target: Tensor | None
 
 
-def row_reduce(problem: Problem, row_shift: Tensor, column_shift: Tensor, weight: Tensor | None, column: bool) -> Tensor:
+def row_reduce(
+    problem: Problem, row_shift: Tensor, column_shift: Tensor, weight: Tensor | None, column: bool
+) -> Tensor:
     """Per query (batch·H, Lq): lse_k(S + a + c) if ``weight`` is None, else Σ_k e^{S + a + c} w_k."""
     out = problem.row_vector()
     tensors, strides, dims = problem.kernel_args()

@@ -31,7 +31,9 @@ class TritonSinkhornAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, bias, allowed, query_valid, options: TritonOptions):
-        problem = Problem(query, key, value, bias, allowed, query_valid, options.scale, options.block_m, options.block_n)
+        problem = Problem(
+            query, key, value, bias, allowed, query_valid, options.scale, options.block_m, options.block_n
+        )
         state = sinkhorn_forward(problem, options.iterations)
         ctx.save_for_backward(query, key, value, bias, allowed, query_valid)
         ctx.state, ctx.options = state, options
@@ -42,7 +44,9 @@ class TritonSinkhornAttention(torch.autograd.Function):
     def backward(ctx, grad_output):
         query, key, value, bias, allowed, query_valid = ctx.saved_tensors
         options: TritonOptions = ctx.options
-        problem = Problem(query, key, value, bias, allowed, query_valid, options.scale, options.block_m, options.block_n)
+        problem = Problem(
+            query, key, value, bias, allowed, query_valid, options.scale, options.block_m, options.block_n
+        )
         need_q, need_k, need_v, need_bias = ctx.needs_input_grad[:4]
         grads = sinkhorn_backward(
             problem,

@@ -19,18 +19,24 @@ from ..sinkhorn import MASKED_LOGIT
 
 INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
 MASKED = tl.constexpr(MASKED_LOGIT)
+# The interpreter multiplies bfloat16 tiles as raw bits: there, products are taken in float32.
+_UPCAST_DOT = tl.constexpr(INTERPRETED)
 
 
 @triton.jit
-def _batch_head(H, sb, sh):
-    bh = tl.program_id(1)
-    return (bh // H) * sb + (bh % H) * sh
+def dot(a, b):
+    """a @ b with float32 accumulation (IEEE float32 products for float32 tiles, no TF32)."""
+    if _UPCAST_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision="ieee")
 
 
 @triton.jit
 def load_rows(P, ST, N, which: tl.constexpr, offs, offs_d):
     """Rows ``offs`` of this (batch, head)'s Q (which=0), K (1) or V (2), (len(offs), BLOCK_D); zero outside."""
-    base = P[which] + _batch_head(N[0], ST[which][0], ST[which][1])
+    # (batch, head) offsets are inlined: each nested jit call costs milliseconds in the interpreter
+    batch, head = tl.program_id(1) // N[0], tl.program_id(1) % N[0]
+    base = P[which] + batch * ST[which][0] + head * ST[which][1]
     length = N[1] if which == 0 else N[2]
     dim = N[4] if which == 2 else N[3]
     mask = (offs[:, None] < length) & (offs_d[None, :] < dim)
@@ -52,9 +58,10 @@ def store_vector(base, offs, length, value):
 @triton.jit
 def score_tile(P, ST, N, q, k, offs_m, offs_n, HAS_BIAS: tl.constexpr):
     """S = scale·q kᵀ (+ bias) in float32; q (BLOCK_M, BLOCK_D), k (BLOCK_N, BLOCK_D)."""
-    s = tl.dot(q, tl.trans(k), input_precision="ieee") * N[5]
+    s = dot(q, tl.trans(k)) * N[5]
     if HAS_BIAS:
-        base = P[3] + _batch_head(N[0], ST[3][0], ST[3][1])
+        batch, head = tl.program_id(1) // N[0], tl.program_id(1) % N[0]
+        base = P[3] + batch * ST[3][0] + head * ST[3][1]
         inside = (offs_m[:, None] < N[1]) & (offs_n[None, :] < N[2])
         ptrs = base + offs_m[:, None] * ST[3][2] + offs_n[None, :] * ST[3][3]
         s += tl.load(ptrs, mask=inside, other=0.0).to(tl.float32)
@@ -65,11 +72,12 @@ def score_tile(P, ST, N, q, k, offs_m, offs_n, HAS_BIAS: tl.constexpr):
 def support_tile(P, ST, N, offs_m, offs_n, COLUMN: tl.constexpr):
     """The row support (allowed entries) or, if COLUMN, the column-marginal support (allowed and valid query)."""
     inside = (offs_m[:, None] < N[1]) & (offs_n[None, :] < N[2])
-    base = P[4] + _batch_head(N[0], ST[4][0], ST[4][1])
+    batch, head = tl.program_id(1) // N[0], tl.program_id(1) % N[0]
+    base = P[4] + batch * ST[4][0] + head * ST[4][1]
     allowed = tl.load(base + offs_m[:, None] * ST[4][2] + offs_n[None, :] * ST[4][3], mask=inside, other=0)
     inside = inside & (allowed != 0)
     if COLUMN:
-        base = P[5] + _batch_head(N[0], ST[5][0], ST[5][1])
+        base = P[5] + batch * ST[5][0] + head * ST[5][1]
         valid = tl.load(base + offs_m * ST[5][2], mask=offs_m < N[1], other=0)
         inside = inside & (valid[:, None] != 0)
     return inside
