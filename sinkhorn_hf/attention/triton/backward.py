@@ -67,27 +67,6 @@ def _grad_scores_tile(P, ST, N, q, k, v, grad_out, offs_m, offs_n, U, B, TERMS, 
 
 
 @triton.jit
-def value_grad_kernel(
-    P, ST, N, U, B, GRAD_OUT, GRAD_VALUE,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-):  # fmt: skip
-    """dV = Aᵀ dO per key block."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    k = load_rows(P, ST, N, 1, offs_n, offs_d)
-    acc = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
-    for start in range(0, N[1], BLOCK_M):
-        offs_m = start + tl.arange(0, BLOCK_M)
-        q = load_rows(P, ST, N, 0, offs_m, offs_d)
-        grad_out = load_matrix(GRAD_OUT, offs_m, N[1], offs_dv, N[4])
-        _, _, weights = _weights_tile(P, ST, N, q, k, offs_m, offs_n, U, B, HAS_BIAS)
-        acc += dot(tl.trans(weights).to(grad_out.dtype), grad_out)
-    store_matrix(GRAD_VALUE, offs_n, N[2], offs_dv, N[4], acc)
-
-
-@triton.jit
 def query_grad_kernel(
     P, ST, N, U, B, GRAD_OUT, TERMS, n_terms, GRAD_QUERY, GRAD_SCORES,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -113,24 +92,31 @@ def query_grad_kernel(
 
 @triton.jit
 def key_grad_kernel(
-    P, ST, N, U, B, GRAD_OUT, TERMS, n_terms, GRAD_KEY,
+    P, ST, N, U, B, GRAD_OUT, TERMS, n_terms, OUT,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, VALUE: tl.constexpr, BLOCK_OUT: tl.constexpr,
 ):  # fmt: skip
-    """dK = scale·dSᵀ Q per key block."""
+    """Per key block: dV = Aᵀ dO if VALUE (TERMS unused), else dK = scale·dSᵀ Q. BLOCK_OUT: BLOCK_DV or BLOCK_D."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     k = load_rows(P, ST, N, 1, offs_n, offs_d)
     v = load_rows(P, ST, N, 2, offs_n, offs_dv)
-    acc = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_OUT), tl.float32)
     for start in range(0, N[1], BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         q = load_rows(P, ST, N, 0, offs_m, offs_d)
         grad_out = load_matrix(GRAD_OUT, offs_m, N[1], offs_dv, N[4])
-        grad = _grad_scores_tile(P, ST, N, q, k, v, grad_out, offs_m, offs_n, U, B, TERMS, n_terms, HAS_BIAS)
-        acc += dot(tl.trans(grad).to(q.dtype), q)
-    store_matrix(GRAD_KEY, offs_n, N[2], offs_d, N[3], acc * N[5])
+        if VALUE:
+            _, _, weights = _weights_tile(P, ST, N, q, k, offs_m, offs_n, U, B, HAS_BIAS)
+            acc += dot(tl.trans(weights).to(grad_out.dtype), grad_out)
+        else:
+            grad = _grad_scores_tile(P, ST, N, q, k, v, grad_out, offs_m, offs_n, U, B, TERMS, n_terms, HAS_BIAS)
+            acc += dot(tl.trans(grad).to(q.dtype), q)
+    if VALUE:
+        store_matrix(OUT, offs_n, N[2], tl.arange(0, BLOCK_OUT), N[4], acc)
+    else:
+        store_matrix(OUT, offs_n, N[2], tl.arange(0, BLOCK_OUT), N[3], acc * N[5])
 
 
 class Terms(NamedTuple):
@@ -200,7 +186,10 @@ def sinkhorn_backward(
     b = state.vs[-1] if state.vs else problem.column_vector()
     f32 = {"dtype": torch.float32, "device": grad_output.device}
     grad_value = torch.empty(problem.rows, problem.n_k, problem.value.shape[-1], **f32)
-    value_grad_kernel[problem.key_grid()](tensors, strides, dims, u, b, grad_output, grad_value, **blocks)
+    key_grad_kernel[problem.key_grid()](
+        tensors, strides, dims, u, b, grad_output, (u, b, u, b, u), 0, grad_value,
+        VALUE=True, BLOCK_OUT=blocks["BLOCK_DV"], **blocks,
+    )  # fmt: skip
     if not (need_scores or need_bias):
         return Gradients(None, None, grad_value if need_value else None, None)
     grad_u = (grad_output.float() * state.output).sum(-1)
@@ -216,6 +205,7 @@ def sinkhorn_backward(
         STORE_SCORES=need_bias, **blocks,
     )  # fmt: skip
     key_grad_kernel[problem.key_grid()](
-        tensors, strides, dims, u, b, grad_output, terms, n_terms, grad_key, **blocks
+        tensors, strides, dims, u, b, grad_output, terms, n_terms, grad_key,
+        VALUE=False, BLOCK_OUT=blocks["BLOCK_D"], **blocks,
     )  # fmt: skip
     return Gradients(grad_query, grad_key, grad_value if need_value else None, grad_scores if need_bias else None)
