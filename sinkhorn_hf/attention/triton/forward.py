@@ -1,0 +1,196 @@
+"""Forward Triton kernels: the Sinkhorn half-steps as streaming passes, then a FlashAttention-style output pass.
+
+A row step u = -lse_k(S + v) is one pass over key blocks per query block (online logsumexp), a column step
+v = log(n_q/n_k) - lse_q(S + u) one pass over query blocks per key block; no N×N tile outlives a program. The
+output pass is softmax_k(S + 1bᵀ) V with b the last column potential as a key bias, accumulated online: for odd K
+its normaliser is the last row step (u_K = -lse), for even K (last step a column step) A = diag(e^{u + lse})
+softmax_k(S + 1bᵀ), so the output is rescaled per query. Extra memory per head: O(N·Dv) + O(K·N).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..sinkhorn import MASKED_LOGIT
+from .problem import Problem
+from .tiles import (
+    MASKED,
+    dot,
+    load_rows,
+    load_vector,
+    score_tile,
+    shifted_logits,
+    store_matrix,
+    store_vector,
+    support_tile,
+)
+
+
+@triton.jit
+def row_pass_kernel(
+    P, ST, N, ROW_SHIFT, COLUMN_SHIFT, WEIGHT, OUT,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_BIAS: tl.constexpr, COLUMN: tl.constexpr, LSE: tl.constexpr,
+):  # fmt: skip
+    """Per query, over the (row or COLUMN) support: lse_k(S + a + c) if LSE, else Σ_k e^{S + a + c} w_k."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = load_rows(P, ST, N, 0, offs_m, offs_d)
+    row_shift = load_vector(ROW_SHIFT, offs_m, N[1])
+    peak = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    total = tl.zeros((BLOCK_M,), tl.float32)
+    for start in range(0, N[2], BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        s = score_tile(P, ST, N, q, load_rows(P, ST, N, 1, offs_n, offs_d), offs_m, offs_n, HAS_BIAS)
+        support = support_tile(P, ST, N, offs_m, offs_n, COLUMN)
+        logits = shifted_logits(s, support, row_shift, load_vector(COLUMN_SHIFT, offs_n, N[2]))
+        if LSE:
+            new_peak = tl.maximum(peak, tl.max(logits, 1))
+            total = total * tl.exp(peak - new_peak) + tl.sum(tl.exp(logits - new_peak[:, None]), 1)
+            peak = new_peak
+        else:
+            total += tl.sum(tl.exp(logits) * load_vector(WEIGHT, offs_n, N[2])[None, :], 1)
+    if LSE:
+        total = peak + tl.log(total)
+    store_vector(OUT, offs_m, N[1], total)
+
+
+@triton.jit
+def column_pass_kernel(
+    P, ST, N, ROW_SHIFT, COLUMN_SHIFT, WEIGHT, OUT,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_BIAS: tl.constexpr, COLUMN: tl.constexpr, LSE: tl.constexpr,
+):  # fmt: skip
+    """Per key, over the (row or COLUMN) support: lse_q(S + a + c) if LSE, else Σ_q w_q e^{S + a + c}."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = load_rows(P, ST, N, 1, offs_n, offs_d)
+    column_shift = load_vector(COLUMN_SHIFT, offs_n, N[2])
+    peak = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    total = tl.zeros((BLOCK_N,), tl.float32)
+    for start in range(0, N[1], BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        s = score_tile(P, ST, N, load_rows(P, ST, N, 0, offs_m, offs_d), k, offs_m, offs_n, HAS_BIAS)
+        support = support_tile(P, ST, N, offs_m, offs_n, COLUMN)
+        logits = shifted_logits(s, support, load_vector(ROW_SHIFT, offs_m, N[1]), column_shift)
+        if LSE:
+            new_peak = tl.maximum(peak, tl.max(logits, 0))
+            total = total * tl.exp(peak - new_peak) + tl.sum(tl.exp(logits - new_peak[None, :]), 0)
+            peak = new_peak
+        else:
+            total += tl.sum(tl.exp(logits) * load_vector(WEIGHT, offs_m, N[1])[:, None], 0)
+    if LSE:
+        total = peak + tl.log(total)
+    store_vector(OUT, offs_n, N[2], total)
+
+
+@triton.jit
+def output_kernel(
+    P, ST, N, COLUMN_SHIFT, OUT, LSE_OUT,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    """softmax_k(S + 1bᵀ) V per query block (zero for rows without an allowed key) and its lse_k(S + b)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = load_rows(P, ST, N, 0, offs_m, offs_d)
+    no_shift = tl.zeros((BLOCK_M,), tl.float32)
+    peak = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    total = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+    for start in range(0, N[2], BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        v = load_rows(P, ST, N, 2, offs_n, offs_dv)
+        s = score_tile(P, ST, N, q, load_rows(P, ST, N, 1, offs_n, offs_d), offs_m, offs_n, HAS_BIAS)
+        support = support_tile(P, ST, N, offs_m, offs_n, False)
+        logits = shifted_logits(s, support, no_shift, load_vector(COLUMN_SHIFT, offs_n, N[2]))
+        new_peak = tl.maximum(peak, tl.max(logits, 1))
+        alpha = tl.exp(peak - new_peak)
+        p = tl.exp(logits - new_peak[:, None])
+        total = total * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
+        peak = new_peak
+    lse = peak + tl.log(total)
+    out = tl.where((lse > MASKED / 2)[:, None], acc / total[:, None], 0.0)
+    store_matrix(OUT, offs_m, N[1], offs_dv, N[4], out)
+    store_vector(LSE_OUT, offs_m, N[1], lse)
+
+
+class ForwardState(NamedTuple):
+    """What the backward needs: the output (batch·H, Lq, Dv) float32, u after each row step (batch·H, Lq), v after
+    each column step (batch·H, Lk), which rows/columns carry mass, and log(n_q/n_k) (batch·H, 1)."""
+
+    output: Tensor
+    us: list[Tensor]
+    vs: list[Tensor]
+    row_has_mass: Tensor
+    column_has_mass: Tensor | None
+    log_target: Tensor | None
+
+
+def row_reduce(
+    problem: Problem, row_shift: Tensor, column_shift: Tensor, weight: Tensor | None, column: bool
+) -> Tensor:
+    """Per query (batch·H, Lq): lse_k(S + a + c) if ``weight`` is None, else Σ_k e^{S + a + c} w_k."""
+    out = problem.row_vector()
+    tensors, strides, dims = problem.kernel_args()
+    row_pass_kernel[problem.query_grid()](
+        tensors, strides, dims, row_shift, column_shift, out if weight is None else weight, out,
+        COLUMN=column, LSE=weight is None, **problem.blocks(),
+    )  # fmt: skip
+    return out
+
+
+def column_reduce(
+    problem: Problem, row_shift: Tensor, column_shift: Tensor, weight: Tensor | None, column: bool
+) -> Tensor:
+    """Per key (batch·H, Lk): lse_q(S + a + c) if ``weight`` is None, else Σ_q w_q e^{S + a + c}."""
+    out = problem.column_vector()
+    tensors, strides, dims = problem.kernel_args()
+    column_pass_kernel[problem.key_grid()](
+        tensors, strides, dims, row_shift, column_shift, out if weight is None else weight, out,
+        COLUMN=column, LSE=weight is None, **problem.blocks(),
+    )  # fmt: skip
+    return out
+
+
+def _has_mass(lse: Tensor) -> Tensor:
+    return lse > MASKED_LOGIT / 2
+
+
+def sinkhorn_forward(problem: Problem, iterations: int) -> ForwardState:
+    """K half-steps (rows first) and the output A V with A = exp(S + u + v)."""
+    u, v = problem.row_vector(), problem.column_vector()
+    us, vs = [], []
+    column_has_mass = log_target = None
+    # odd K: the last row step is the output pass's own normaliser
+    for step in range(iterations - 1 if iterations % 2 else iterations):
+        if step % 2 == 0:
+            lse = row_reduce(problem, problem.row_vector(), v, None, column=False)
+            u = torch.where(_has_mass(lse), -lse, 0.0)
+            us.append(u)
+        else:
+            lse = column_reduce(problem, u, problem.column_vector(), None, column=True)
+            if column_has_mass is None:
+                column_has_mass = _has_mass(lse)
+                n_k = column_has_mass.sum(-1, keepdim=True, dtype=torch.float32)
+                log_target = (problem.query_count().clamp(min=1) / n_k.clamp(min=1)).log()
+            v = torch.where(column_has_mass, log_target - lse, 0.0)
+            vs.append(v)
+    output = torch.empty(problem.rows, problem.n_q, problem.value.shape[-1], dtype=torch.float32,
+                         device=problem.query.device)  # fmt: skip
+    lse = problem.row_vector()
+    tensors, strides, dims = problem.kernel_args()
+    output_kernel[problem.query_grid()](tensors, strides, dims, v, output, lse, **problem.blocks())
+    row_has_mass = _has_mass(lse)
+    if iterations % 2:
+        us.append(torch.where(row_has_mass, -lse, 0.0))
+    else:  # rows without mass are already zero, and there u + lse = MASKED_LOGIT
+        output = output * (us[-1] + lse).exp().unsqueeze(-1)
+    return ForwardState(output, us, vs, row_has_mass, column_has_mass, log_target)
