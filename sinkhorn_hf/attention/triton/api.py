@@ -16,7 +16,7 @@ import sys
 import torch
 from torch import Tensor
 
-from ..sinkhorn import _check_iterations
+from ..settings import check_iterations
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HEAD_DIMS = (16, 128)  # inclusive; tl.dot needs 16, larger tiles would not fit in registers/shared memory
@@ -109,7 +109,7 @@ def triton_sinkhorn_attention(
     and ``block_n`` keys per tile. Raises :class:`TritonUnsupportedError` where :func:`triton_unsupported_reason`
     gives a reason (e.g. ``dropout`` > 0).
     """
-    _check_iterations(iterations)
+    check_iterations(iterations, "iterations")
     _check_block("block_m", block_m)
     _check_block("block_n", block_n)
     reason = triton_unsupported_reason(query, key, value, dropout=dropout)
