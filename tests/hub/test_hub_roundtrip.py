@@ -21,14 +21,13 @@ POSITIVE, NEGATIVE, FILLER = ["sinkhorn", "doubly", "stochastic"], ["padding", "
 def _fresh_accelerate_state_one_thread():
     """The trainer's Accelerator is a process-wide singleton: leave none behind for other tests. One thread:
     on a shared 2-core machine a second OpenMP thread mostly waits for a busy core."""
-    from accelerate.state import AcceleratorState, GradientState
+    from sinkhorn_hf.compat import reset_accelerate_state
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
 
 
 def write_sst2(path: Path, rows: int, seed: int) -> Path:
