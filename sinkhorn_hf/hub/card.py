@@ -1,4 +1,4 @@
-"""Model cards for Sinkhorn checkpoints: ``RUN_DIR/README.md`` from a template in ``model_cards/``.
+"""Model cards for Sinkhorn checkpoints: ``RUN_DIR/README.md`` from the template in ``model_cards/``.
 
 Reads what the run directory holds (config.json; results.json from the trainer; sinkhorn_conversion.json from
 :func:`~sinkhorn_hf.hub.convert`) and renders it with huggingface_hub's ``ModelCard``/``ModelCardData``, so
@@ -7,6 +7,7 @@ the metadata block (base model, tags, datasets, ``model-index`` eval results) is
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import warnings
 from dataclasses import asdict
@@ -24,8 +25,8 @@ from .convert import CONFIG_NAME, CONVERSION_RECORD
 from .model_kind import model_kind
 
 CARD_FILE = "README.md"
-# Shipped beside the package (``model_cards/`` at the repository root; installed next to ``sinkhorn_hf/``).
-TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "model_cards" / "sinkhorn_model_card.md"
+# ``model_cards/`` at the repository root, installed as the package ``sinkhorn_hf.model_cards`` (pyproject.toml).
+TEMPLATE_PACKAGE, TEMPLATE_NAME = "sinkhorn_hf.model_cards", "sinkhorn_model_card.md"
 # The card is often written before the repository exists; ``push`` fills this in with the repo id.
 REPO_ID_PLACEHOLDER = "<namespace>/<model-name>"
 SINKHORN_TAGS = ["sinkhorn", "sinkformer", "doubly-stochastic-attention"]
@@ -123,7 +124,7 @@ def build_card(
     )
     return ModelCard.from_template(
         card_data,
-        template_path=str(template_path or _default_template()),
+        template_path=str(template_path or default_template()),
         title=title,
         repo_id=repo_id or REPO_ID_PLACEHOLDER,
         base_text=base_text,
@@ -168,13 +169,18 @@ def write_card(run_dir: str | Path, results_path: str | Path | None = None, **kw
     return path
 
 
-def _default_template() -> Path:
-    if not TEMPLATE_PATH.is_file():
+def default_template() -> Path:
+    """The built-in card template: in the installed package, or in ``model_cards/`` of a source checkout."""
+    try:
+        path = Path(str(importlib.resources.files(TEMPLATE_PACKAGE) / TEMPLATE_NAME))
+    except ModuleNotFoundError:  # the source tree itself is on sys.path, where model_cards/ sits beside the package
+        path = Path(__file__).resolve().parents[2] / "model_cards" / TEMPLATE_NAME
+    if not path.is_file():
         raise CardError(
-            f"card template {TEMPLATE_PATH} is missing (it ships with sinkhorn-hf): reinstall the package, "
+            f"card template {path} is missing (it ships with sinkhorn-hf): reinstall the package, "
             "or pass a template with --template (template_path=...)"
         )
-    return TEMPLATE_PATH
+    return path
 
 
 def _load_config(run_dir: Path) -> Any:
