@@ -40,6 +40,7 @@ def worker(args: argparse.Namespace) -> dict:
     from transformers import BertConfig, BertForSequenceClassification
 
     import sinkhorn_hf
+    from sinkhorn_hf.compat import model_from_config
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -52,7 +53,7 @@ def worker(args: argparse.Namespace) -> dict:
         max_position_embeddings=max(512, args.seq_len),
         num_labels=2,
     )
-    model = BertForSequenceClassification._from_config(config, attn_implementation="sdpa").to(device).train()
+    model = model_from_config(BertForSequenceClassification, config, attn_implementation="sdpa").to(device).train()
     if args.config == "gc":
         model.gradient_checkpointing_enable()
     elif args.config != "plain":

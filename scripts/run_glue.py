@@ -4,11 +4,8 @@
         --attn_implementation sinkhorn --sinkhorn_iterations 3 --output_dir out/mrpc
 """
 
-from transformers import HfArgumentParser
-
-from sinkhorn_hf.training.arguments import ModelArguments, TrainerArguments
-from sinkhorn_hf.training.glue import GlueDataArguments, run_glue
+from sinkhorn_hf.training.run import main
+from sinkhorn_hf.training.tasks.glue import GLUE
 
 if __name__ == "__main__":
-    parser = HfArgumentParser((ModelArguments, GlueDataArguments, TrainerArguments))
-    run_glue(*parser.parse_args_into_dataclasses())
+    main(GLUE)

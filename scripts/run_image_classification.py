@@ -6,11 +6,8 @@ an .npz of uint8 arrays.
         --train_file ../shared/data/mnist/mnist.npz --attn_implementation sinkhorn --output_dir out/mnist
 """
 
-from transformers import HfArgumentParser
-
-from sinkhorn_hf.training.arguments import ModelArguments, TrainerArguments
-from sinkhorn_hf.training.images import ImageDataArguments, run_image_classification
+from sinkhorn_hf.training.run import main
+from sinkhorn_hf.training.tasks.images import IMAGES
 
 if __name__ == "__main__":
-    parser = HfArgumentParser((ModelArguments, ImageDataArguments, TrainerArguments))
-    run_image_classification(*parser.parse_args_into_dataclasses())
+    main(IMAGES)

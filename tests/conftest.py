@@ -1,8 +1,15 @@
-"""Fixtures shared by every test package: where ../shared (real data and models, read-only) lives."""
+"""Shared by every test package: where ../shared (real data and models, read-only) lives; Triton's interpreter."""
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton reads TRITON_INTERPRET when it is first imported (torch.compile and others import it early), so the CPU
+# interpreter for the kernel tests must be chosen here, before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MINILM = SHARED / "models" / "all-MiniLM-L6-v2"

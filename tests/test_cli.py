@@ -16,6 +16,7 @@ def test_demo_prints_marginals_and_change(capsys):
     assert len(rows) == 4 and all(float(row[1]) < 1e-5 for row in rows)  # odd K: rows exact
 
 
+@pytest.mark.slow
 def test_console_script_help_lists_commands():
     out = subprocess.run([sys.executable, "-m", "sinkhorn_hf.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "demo" in out.stdout and "diagnose" in out.stdout

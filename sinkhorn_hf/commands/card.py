@@ -7,10 +7,14 @@ import sys
 import warnings
 from pathlib import Path
 
+from . import add_command, fail
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "card",
+        run,
         help="write RUN_DIR/README.md, the Hub model card of a converted or fine-tuned model",
         description="Render RUN_DIR/README.md from the model card template: base model, tags, datasets, Sinkhorn "
         "and adjoint settings, the training command, evaluation results as Hub model-index metadata, a loading "
@@ -25,14 +29,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--repo-id", help="Hub repository the card's loading snippet names (push fills it in)")
     parser.add_argument("--license", help="license id for the metadata, e.g. apache-2.0 (the base model's)")
     parser.add_argument("--template", type=Path, help="a Jinja card template to use instead of the built-in one")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..hub.card import CardError, write_card
 
     if not args.run_dir.is_dir():
-        raise SystemExit(f"sinkhorn-hf card: error: run directory {args.run_dir} does not exist")
+        fail("card", f"run directory {args.run_dir} does not exist")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
@@ -45,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
                 template_path=args.template,
             )
     except CardError as error:
-        raise SystemExit(f"sinkhorn-hf card: error: {error}") from None
+        fail("card", error)
     for warning in caught:
         print(f"sinkhorn-hf card: warning: {warning.message}", file=sys.stderr)
     print(f"wrote {path}")

@@ -6,11 +6,14 @@ import argparse
 import shlex
 
 from ..attention.settings import DEFAULT_ITERATIONS
+from . import add_command, fail
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "convert",
+        run,
         help="convert a pretrained encoder to Sinkhorn attention (weights unchanged)",
         description="Write a copy of SRC whose config.json selects Sinkhorn attention with the given settings. "
         "Weights, tokenizer and processor files are copied byte for byte; with --iterations 1 the converted model "
@@ -32,7 +35,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="stop early once column sums are within this of their target (default: always run K iterations)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty OUT")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             command=shlex.join(command),
         )
     except (ConversionError, UnsupportedModelError) as error:
-        raise SystemExit(f"sinkhorn-hf convert: error: {error}") from None
+        fail("convert", error)
     where = f" (Hub commit {report.revision})" if report.revision else ""
     print(f"converted {report.source}{where} -> {report.output_dir}")
     print(f"attention: sinkhorn, iterations={report.settings.iterations}, tolerance={report.settings.tolerance}")

@@ -7,6 +7,7 @@ import argparse
 import torch
 
 from ..attention.diagnostics import marginal_report
+from . import add_command
 
 _SENTENCES = (
     "Sinkhorn attention makes every attention matrix doubly stochastic.",
@@ -16,8 +17,10 @@ _SENTENCES = (
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "demo",
+        run,
         help="run an encoder with softmax and with Sinkhorn attention and compare them",
         description="Run a padded batch through an encoder with SoftMax (sdpa) and with Sinkhorn attention; "
         "print per-layer row/column sums over valid tokens and how much the output changed.",
@@ -29,7 +32,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--iterations", type=int, default=3, help="Sinkhorn iterations K (1 = SoftMax; default 3)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(func=run)
 
 
 def _tiny_bert() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:

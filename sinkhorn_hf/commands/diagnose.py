@@ -6,10 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
+from . import add_command
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "diagnose",
+        run,
         help="measure how far a text encoder's softmax attention is from doubly stochastic",
         description="Run sentences through a model with SoftMax attention and report, per layer, the spread of "
         "column sums over valid tokens (0 = doubly stochastic). Optionally plot it.",
@@ -19,7 +23,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--plot", type=Path, help="write a PNG of the column-sum spread per layer here")
     parser.add_argument("--json", type=Path, help="write the per-layer report as JSON here")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from . import add_command, fail
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "push",
+        run,
         help="upload RUN_DIR (model, tokenizer, results, card) to a Hub model repository",
         description="Create REPO_ID on the Hugging Face Hub if needed and upload RUN_DIR, leaving out training "
         "state (accelerate checkpoints/ and checkpoint-*/ folders, optimizer/scheduler/sampler/scaler files, "
@@ -22,7 +26,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--include-checkpoints", action="store_true", help="also upload checkpoints, optimizer states and logs"
     )
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
             dry_run=args.dry_run,
         )
     except PushError as error:
-        raise SystemExit(f"sinkhorn-hf push: error: {error}") from None
+        fail("push", error)
     sizes = {name: (args.run_dir / name).stat().st_size for name in report.files}
     verb = "would upload" if args.dry_run else "uploaded"
     print(f"{verb} {len(report.files)} files ({_size(sum(sizes.values()))}) to {args.repo_id}:")

@@ -1,4 +1,4 @@
-"""Model cards for Sinkhorn checkpoints: ``RUN_DIR/README.md`` from a template in ``model_cards/``.
+"""Model cards for Sinkhorn checkpoints: ``RUN_DIR/README.md`` from the template in ``model_cards/``.
 
 Reads what the run directory holds (config.json; results.json from the trainer; sinkhorn_conversion.json from
 :func:`~sinkhorn_hf.hub.convert`) and renders it with huggingface_hub's ``ModelCard``/``ModelCardData``, so
@@ -7,8 +7,8 @@ the metadata block (base model, tags, datasets, ``model-index`` eval results) is
 
 from __future__ import annotations
 
+import importlib.resources
 import json
-import math
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -19,28 +19,18 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from .. import __version__
 from ..adjoint import SCALE_ATTRIBUTE
 from ..attention.settings import SinkhornSettings
+from ..training.results import RESULTS_FILE, ResultsError, RunResults
+from ..training.tasks.glue import GLUE_TASKS
 from .convert import CONFIG_NAME, CONVERSION_RECORD
 from .model_kind import model_kind
 
-RESULTS_FILE = "results.json"
 CARD_FILE = "README.md"
-# Shipped beside the package (``model_cards/`` at the repository root; installed next to ``sinkhorn_hf/``).
-TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "model_cards" / "sinkhorn_model_card.md"
+# ``model_cards/`` at the repository root, installed as the package ``sinkhorn_hf.model_cards`` (pyproject.toml).
+TEMPLATE_PACKAGE, TEMPLATE_NAME = "sinkhorn_hf.model_cards", "sinkhorn_model_card.md"
 # The card is often written before the repository exists; ``push`` fills this in with the repo id.
 REPO_ID_PLACEHOLDER = "<namespace>/<model-name>"
 SINKHORN_TAGS = ["sinkhorn", "sinkformer", "doubly-stochastic-attention"]
 
-_GLUE_TASKS = {
-    "cola": "CoLA",
-    "sst2": "SST-2",
-    "mrpc": "MRPC",
-    "qqp": "QQP",
-    "stsb": "STS-B",
-    "mnli": "MNLI",
-    "qnli": "QNLI",
-    "rte": "RTE",
-    "wnli": "WNLI",
-}
 # Datasets the scripts know, by short name or Hub id: (the id the Hub lists them under, a readable name).
 _DATASETS = {
     "glue": ("nyu-mll/glue", "GLUE"),
@@ -62,61 +52,18 @@ _METRIC_NAMES = {
 # Adjoint schemes whose forward pass differs from the plain model (so loading needs them switched on).
 _FORWARD_CHANGING_SCHEMES = ("heun", "momentum")
 
-_NUMBER = (int, float)
-_RESULT_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {  # key: (allowed types, required)
-    "model_name_or_path": ((str,), True),
-    "command": ((str,), True),
-    "metrics": ((dict,), True),
-    "task_name": ((str, type(None)), False),
-    "dataset": ((str, list, type(None)), False),
-    "attn_implementation": ((str, type(None)), False),
-    "sinkhorn_iterations": ((int, type(None)), False),
-    "adjoint": ((str, bool, dict, type(None)), False),
-    "lora": ((dict, type(None)), False),
-    "eval_split": ((str, list, type(None)), False),
-    "num_train_samples": ((int, type(None)), False),
-    "train_steps": ((int, type(None)), False),
-    "epochs": ((*_NUMBER, type(None)), False),
-    "seed": ((int, type(None)), False),
-    "train_runtime_s": ((*_NUMBER, type(None)), False),
-    "train_samples_per_second": ((*_NUMBER, type(None)), False),
-    "peak_memory_mb": ((*_NUMBER, type(None)), False),
-}
-
 
 class CardError(ValueError):
     """The run directory or its results file cannot make a truthful card."""
 
 
-def load_results(path: str | Path) -> dict[str, Any]:
-    """Read and check a trainer ``results.json``: the keys the card uses must have the documented types,
-    and every metric must be a finite number. Raises :class:`CardError` naming what is wrong."""
-    path = Path(path)
-    if not path.is_file():
-        raise CardError(f"results file {path} does not exist")
+def load_results(path: str | Path) -> RunResults:
+    """Read and check a trainer ``results.json`` (:meth:`RunResults.read`); raises :class:`CardError` naming
+    what is wrong."""
     try:
-        results = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise CardError(f"{path} is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})") from None
-    if not isinstance(results, dict):
-        raise CardError(f"{path} must hold a JSON object of run results, got {type(results).__name__}")
-    for key, (types, required) in _RESULT_TYPES.items():
-        if key not in results:
-            if required:
-                needed = ", ".join(name for name, (_, needs) in _RESULT_TYPES.items() if needs)
-                raise CardError(f"{path} has no {key!r}; a trainer results file needs at least: {needed}")
-            continue
-        value = results[key]
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            allowed = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise CardError(f"{path}: {key!r} must be {allowed}, got {value!r}")
-    for key in ("dataset", "eval_split"):
-        if isinstance(results.get(key), list) and not all(isinstance(item, str) for item in results[key]):
-            raise CardError(f"{path}: {key!r} must be a string or a list of strings, got {results[key]!r}")
-    for name, value in results["metrics"].items():
-        if isinstance(value, bool) or not isinstance(value, _NUMBER) or not math.isfinite(value):
-            raise CardError(f"{path}: metric {name!r} must be a finite number, got {value!r}")
-    return results
+        return RunResults.read(path)
+    except ResultsError as error:
+        raise CardError(str(error)) from None
 
 
 def build_card(
@@ -177,13 +124,13 @@ def build_card(
     )
     return ModelCard.from_template(
         card_data,
-        template_path=str(template_path or _default_template()),
+        template_path=str(template_path or default_template()),
         title=title,
         repo_id=repo_id or REPO_ID_PLACEHOLDER,
         base_text=base_text,
         base_is_hub=base_id is not None,
         # transformers does not save SoftMax choices (sdpa/eager) in config.json; the run's record has them.
-        attention=config._attn_implementation or (results or {}).get("attn_implementation") or "default (sdpa)",
+        attention=config._attn_implementation or (results and results.attn_implementation) or "default (sdpa)",
         settings=settings,
         settings_rows=[(f"sinkhorn_{name}", value) for name, value in asdict(settings).items()] if settings else [],
         conversion=conversion,
@@ -191,7 +138,7 @@ def build_card(
         dataset_name=dataset_name,
         local_data=_local_data(results) if results else None,
         metric_rows=[(_METRIC_NAMES.get(metric, metric), split, f"{value:.4f}") for metric, split, value in scores],
-        lora=_describe(results.get("lora")) if results and results.get("lora") else None,
+        lora=_describe(results.lora) if results and results.lora else None,
         kind=kind,
         has_preprocessor=_has_preprocessor(run_dir, kind.is_text),
         version=__version__,
@@ -199,11 +146,11 @@ def build_card(
     )
 
 
-def _adjoint_context(results: dict | None, config: Any) -> dict[str, Any]:
+def _adjoint_context(results: RunResults | None, config: Any) -> dict[str, Any]:
     """How the card shows the adjoint, and what the loading snippet must switch on to get the trained function
     (``enable_adjoint`` applies forward-changing schemes and a stored residual scale; transformers knows
     neither)."""
-    adjoint = results.get("adjoint") if results else None
+    adjoint = results.adjoint if results else None
     scheme = adjoint.get("scheme") if isinstance(adjoint, dict) else adjoint
     residual_scale = getattr(config, SCALE_ATTRIBUTE, None)
     if residual_scale in (None, 1, 1.0):
@@ -222,13 +169,18 @@ def write_card(run_dir: str | Path, results_path: str | Path | None = None, **kw
     return path
 
 
-def _default_template() -> Path:
-    if not TEMPLATE_PATH.is_file():
+def default_template() -> Path:
+    """The built-in card template: in the installed package, or in ``model_cards/`` of a source checkout."""
+    try:
+        path = Path(str(importlib.resources.files(TEMPLATE_PACKAGE) / TEMPLATE_NAME))
+    except ModuleNotFoundError:  # the source tree itself is on sys.path, where model_cards/ sits beside the package
+        path = Path(__file__).resolve().parents[2] / "model_cards" / TEMPLATE_NAME
+    if not path.is_file():
         raise CardError(
-            f"card template {TEMPLATE_PATH} is missing (it ships with sinkhorn-hf): reinstall the package, "
+            f"card template {path} is missing (it ships with sinkhorn-hf): reinstall the package, "
             "or pass a template with --template (template_path=...)"
         )
-    return TEMPLATE_PATH
+    return path
 
 
 def _load_config(run_dir: Path) -> Any:
@@ -249,15 +201,15 @@ def _read_record(directory: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _check_results_match_config(results: dict, config: Any, settings: SinkhornSettings | None) -> None:
+def _check_results_match_config(results: RunResults, config: Any, settings: SinkhornSettings | None) -> None:
     """The card describes the saved model; results that disagree with it belong to another model."""
-    trained_with = results.get("attn_implementation")
+    trained_with = results.attn_implementation
     if trained_with is not None and (trained_with == "sinkhorn") != (settings is not None):
         raise CardError(
             f"results.json says the run used attn_implementation={trained_with!r} but the saved config.json "
             f"has {config._attn_implementation!r}: the results do not belong to this model"
         )
-    iterations = results.get("sinkhorn_iterations")
+    iterations = results.sinkhorn_iterations
     if settings is not None and iterations is not None and iterations != settings.iterations:
         raise CardError(
             f"results.json says sinkhorn_iterations={iterations} but the saved config.json has "
@@ -276,14 +228,16 @@ def _is_hub_id(name: str) -> bool:
     return not Path(name).expanduser().exists()
 
 
-def _base_model(explicit: str | None, results: dict | None, conversion: dict | None) -> tuple[str | None, str | None]:
+def _base_model(
+    explicit: str | None, results: RunResults | None, conversion: dict | None
+) -> tuple[str | None, str | None]:
     """(Hub id for the metadata or None, what the card text names). Follows local converted checkpoints back
     to what they were converted from."""
     if explicit is not None:
         if not _is_hub_id(explicit):
             raise CardError(f"--base-model {explicit!r} is not a Hub model id (like 'google-bert/bert-base-uncased')")
         return explicit, explicit
-    candidate = results["model_name_or_path"] if results else conversion["source"] if conversion else None
+    candidate = results.model_name_or_path if results else conversion["source"] if conversion else None
     seen = set()
     while candidate is not None and candidate not in seen and Path(candidate).expanduser().is_dir():
         seen.add(candidate)
@@ -303,14 +257,14 @@ def _base_model(explicit: str | None, results: dict | None, conversion: dict | N
     return None, candidate
 
 
-def _dataset(results: dict) -> tuple[str, str | None, str | None, str]:
+def _dataset(results: RunResults) -> tuple[str, str | None, str | None, str]:
     """(model-index dataset type, Hub dataset id or None, its configuration, a readable name) of the run's data.
 
     ``dataset`` is a Hub id, optionally with its configuration (``nyu-mll/glue/sst2``), or local file(s)."""
-    task, dataset = results.get("task_name"), results.get("dataset")
-    if task in _GLUE_TASKS:
+    task, dataset = results.task_name, results.dataset
+    if task in GLUE_TASKS:
         hub_id = _DATASETS["glue"][0]
-        return hub_id, hub_id, task, f"GLUE {_GLUE_TASKS[task]}"
+        return hub_id, hub_id, task, f"GLUE {GLUE_TASKS[task].title}"
     hub_name = dataset if isinstance(dataset, str) and _local_data(results) is None else None
     for name in (hub_name, task):
         if name is not None and name.lower() in _DATASETS:
@@ -325,9 +279,9 @@ def _dataset(results: dict) -> tuple[str, str | None, str | None, str]:
     return name, None, None, f"{name} (local files)"
 
 
-def _local_data(results: dict) -> str | None:
+def _local_data(results: RunResults) -> str | None:
     """The run's local data files, as the card shows them; None for Hub data."""
-    dataset = results.get("dataset")
+    dataset = results.dataset
     if isinstance(dataset, list):  # the trainer lists files; a Hub dataset is one name
         return ", ".join(dataset) or None
     if dataset is not None and (dataset.startswith(("/", ".", "~")) or Path(dataset).expanduser().exists()):
@@ -335,12 +289,12 @@ def _local_data(results: dict) -> str | None:
     return None
 
 
-def _scores(results: dict) -> list[tuple[str, str | None, float]]:
+def _scores(results: RunResults) -> list[tuple[str, str | None, float]]:
     """(metric, evaluation split, value) for each metric of ``results``.
 
     With several splits (MNLI matched/mismatched) the trainer names the first split's metrics plainly and
     appends a suffix per further split (``accuracy``, ``accuracy_mm``); suffixes map to splits in order."""
-    metrics, splits = results["metrics"], results.get("eval_split")
+    metrics, splits = results.metrics, results.eval_split
     splits = [splits] if splits is None or isinstance(splits, str) else splits
     if len(splits) <= 1:
         return [(metric, splits[0] if splits else None, value) for metric, value in metrics.items()]

@@ -18,6 +18,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..attention.settings import DEFAULT_ITERATIONS, SinkhornSettings
+from ..compat import model_from_config
 from ..families import UnsupportedModelError, check_supported
 from .model_kind import ModelKind, model_kind
 
@@ -241,7 +242,6 @@ def _verify(directory: Path, settings: SinkhornSettings, auto_class: str) -> Non
     model_class = getattr(transformers, auto_class)
     try:
         with torch.device("meta"):
-            # Auto classes build from a config with from_config, concrete model classes with _from_config.
-            (getattr(model_class, "from_config", None) or model_class._from_config)(config)
+            model_from_config(model_class, config)
     except ValueError as error:  # the load-time guards: decoder configs, attention outside the interface
         raise ConversionError(f"the converted model would not load with Sinkhorn attention: {error}") from None

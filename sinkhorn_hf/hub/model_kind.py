@@ -37,15 +37,15 @@ class ModelKind:
 
 def model_kind(config: Any) -> ModelKind:
     """Read ``config.model_type`` and ``config.architectures[0]`` (a bare encoder when absent)."""
-    from transformers.models.auto import modeling_auto
+    from ..compat import auto_mapping_names
 
     is_text = config.model_type in TEXT_FAMILIES
     architectures = getattr(config, "architectures", None) or []
     if architectures:
         for table, auto_class, pipeline_tag in _HEADS:
-            names = getattr(modeling_auto, table).get(config.model_type, ())
+            names = auto_mapping_names(table).get(config.model_type, ())
             if architectures[0] in ((names,) if isinstance(names, str) else names):
                 return ModelKind(auto_class, pipeline_tag, is_text)
-        if architectures[0] != modeling_auto.MODEL_MAPPING_NAMES.get(config.model_type):
+        if architectures[0] != auto_mapping_names("MODEL_MAPPING_NAMES").get(config.model_type):
             return ModelKind(architectures[0], None, is_text)
     return ModelKind("AutoModel", "feature-extraction" if is_text else "image-feature-extraction", is_text)

@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard
-from huggingface_hub.repocard import REGEX_YAML_BLOCK
-from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
+from ..compat import has_card_metadata, upload_selection
 from .card import CARD_FILE, REPO_ID_PLACEHOLDER
 
 # Training state that is not the model: accelerate save_state folders and files (checkpoints/checkpoint_N,
@@ -64,8 +63,7 @@ def select_files(run_dir: str | Path, include_checkpoints: bool = False) -> list
         raise PushError(f"run directory {run_dir} does not exist")
     # Listed and filtered as upload_folder does, its default ignores (.git, .cache/huggingface) included.
     files = [path.relative_to(run_dir).as_posix() for path in sorted(run_dir.glob("**/*")) if path.is_file()]
-    patterns = ignore_patterns(include_checkpoints) + DEFAULT_IGNORE_PATTERNS
-    return list(filter_repo_objects(files, ignore_patterns=patterns))
+    return upload_selection(files, ignore_patterns(include_checkpoints))
 
 
 def check_card(run_dir: Path) -> ModelCard:
@@ -75,7 +73,7 @@ def check_card(run_dir: Path) -> ModelCard:
     if not path.is_file():
         raise PushError(f"{run_dir} has no {CARD_FILE} model card; {hint}")
     content = path.read_text(encoding="utf-8")
-    if not REGEX_YAML_BLOCK.search(content):
+    if not has_card_metadata(content):
         raise PushError(f"{path} has no metadata block (--- yaml ---) at its top; {hint}")
     try:
         return ModelCard(content)

@@ -1,7 +1,7 @@
-"""Fine-tuning on accelerate: the trainer, GLUE / IMDB / image pipelines, offline metrics, LoRA.
+"""Fine-tuning on accelerate: the trainer, the GLUE / IMDB / image tasks, offline metrics, LoRA, results.json.
 
-Scripts under ``scripts/`` (run_glue.py, run_imdb.py, run_image_classification.py) parse flags into
-:mod:`.arguments` dataclasses and call the ``run_*`` function of :mod:`.glue`, :mod:`.imdb` or :mod:`.images`.
+Scripts under ``scripts/`` (run_glue.py, run_imdb.py, run_image_classification.py) are ``main(TASK)`` of
+:mod:`.run` with a task of :mod:`.tasks`: flags parsed into :mod:`.arguments` dataclasses, then :func:`.run.run_task`.
 """
 
 from .arguments import ModelArguments, TrainerArguments

@@ -6,15 +6,79 @@ Flag names follow the Hugging Face example scripts where one exists (``--model_n
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+import types
+import typing
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import Any, Literal
+
+from ..attention.settings import SinkhornSettings
 
 AttnImplementation = Literal["eager", "sdpa", "sinkhorn"]
 AdjointScheme = Literal["off", "auto", "euler", "heun", "checkpoint", "momentum"]
 
 
+# Help for every SinkhornSettings field (tests/training/test_arguments.py fails for a field missing here).
+SINKHORN_HELP = {
+    "iterations": "Sinkhorn normalisation steps K, rows first (1 = SoftMax); used with sinkhorn attention",
+    "tolerance": "stop early once column sums are within this of their target (none: always run K steps)",
+    "backward": "unrolled (exact gradient of the K steps) or implicit (gradient at convergence)",
+    "streaming": "true, false or auto: visit the scores in query blocks, never holding the full matrix",
+    "streaming_threshold": "with --sinkhorn_streaming auto: stream once the query or key length reaches this",
+    "block_size": "queries per streaming block (none: scores half the size of Q)",
+}
+
+
+def _parse_setting(text: str, hint: Any) -> Any:
+    """A command-line string as the first type of ``hint`` that reads it; unreadable text is returned as is so
+    that :class:`SinkhornSettings` rejects it with its own message."""
+    for option in typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,):
+        if option is type(None) and text.lower() in ("none", "null"):
+            return None
+        if option is bool and text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        if option in (int, float):
+            try:
+                return option(text)
+            except ValueError:
+                continue
+        if option is str:
+            return text
+    return text
+
+
+def _sinkhorn_post_init(self) -> None:
+    hints = typing.get_type_hints(SinkhornSettings)
+    values = {}
+    for setting in fields(SinkhornSettings):
+        value = getattr(self, f"sinkhorn_{setting.name}")
+        values[setting.name] = _parse_setting(value, hints[setting.name]) if isinstance(value, str) else value
+    self.sinkhorn_settings = SinkhornSettings(**values)  # its checks and messages, as everywhere else
+
+
+# One ``--sinkhorn_<name>`` flag per SinkhornSettings field (strings from the command line are read by the
+# field's type, values given in Python pass through), validated by SinkhornSettings itself.
+SinkhornArguments = make_dataclass(
+    "SinkhornArguments",
+    [
+        (
+            f"sinkhorn_{setting.name}",
+            str | None,
+            field(
+                default=setting.default,
+                metadata={
+                    "help": f"{SINKHORN_HELP.get(setting.name, 'see SinkhornSettings')} "
+                    f"(SinkhornSettings.{setting.name})"
+                },
+            ),
+        )
+        for setting in fields(SinkhornSettings)
+    ],
+    namespace={"__post_init__": _sinkhorn_post_init, "__doc__": "Every SinkhornSettings field as a flag."},
+)
+
+
 @dataclass
-class ModelArguments:
+class ModelArguments(SinkhornArguments):
     """Which model to fine-tune, its attention, adjoint scheme and LoRA adapters."""
 
     model_name_or_path: str | None = field(
@@ -36,9 +100,6 @@ class ModelArguments:
     attn_implementation: AttnImplementation = field(
         default="sdpa", metadata={"help": "attention: eager or sdpa (SoftMax), or sinkhorn (doubly stochastic)"}
     )
-    sinkhorn_iterations: int = field(
-        default=3, metadata={"help": "Sinkhorn normalisation steps K (1 = SoftMax); used with sinkhorn attention"}
-    )
     adjoint: AdjointScheme = field(
         default="off", metadata={"help": "adjoint (memory-free) residual stack scheme; off keeps plain backprop"}
     )
@@ -59,8 +120,7 @@ class ModelArguments:
                 "(build a random model from a config), got "
                 f"model_name_or_path={self.model_name_or_path!r}, model_type={self.model_type!r}"
             )
-        if self.sinkhorn_iterations < 1:
-            raise ValueError(f"--sinkhorn_iterations must be >= 1, got {self.sinkhorn_iterations}")
+        super().__post_init__()
         if self.lora_r is not None and self.lora_r < 1:
             raise ValueError(f"--lora_r must be >= 1 (leave it unset to train all weights), got {self.lora_r}")
 

@@ -34,6 +34,7 @@ class TrainerState:
     stopped_early: bool = False
     last_eval_step: int | None = None
     last_checkpoint_step: int | None = None
+    train_loss: float | None = None  # the last logged mean training loss
     history: list[dict[str, Any]] = field(default_factory=list)
     fingerprint: dict[str, Any] = field(default_factory=dict)
 

@@ -1,8 +1,7 @@
-"""Offline metrics with GLUE's definitions (the Hub ``glue`` metric needs the network; these do not).
+"""What an evaluation gathers (:class:`EvalOutput`) and the classification metrics of IMDB and images.
 
-Accuracy = mean(pred == label); F1 of the positive class 1 = 2·TP / (2·TP + FP + FN); Matthews correlation
-= (TP·TN − FP·FN) / √((TP+FP)(TP+FN)(TN+FP)(TN+FN)); Pearson r and Spearman ρ (Pearson r of the ranks,
-ties averaged) for STS-B regression.
+Accuracy = mean(pred == label); F1 of the positive class 1 = 2·TP / (2·TP + FP + FN). GLUE's own metrics are
+the local ``evaluate`` module :mod:`sinkhorn_hf.training.tasks.glue_metric`.
 """
 
 from __future__ import annotations
@@ -11,8 +10,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
-from scipy import stats
-from sklearn.metrics import f1_score, matthews_corrcoef
+from sklearn.metrics import f1_score
 
 
 class EvalOutput(NamedTuple):
@@ -36,44 +34,6 @@ def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
 
 def binary_f1(predictions: np.ndarray, labels: np.ndarray) -> float:
     return float(f1_score(labels, predictions, pos_label=1, average="binary", zero_division=0.0))
-
-
-def matthews_correlation(predictions: np.ndarray, labels: np.ndarray) -> float:
-    return float(matthews_corrcoef(labels, predictions))
-
-
-def pearson_spearman(predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    return {
-        "pearson": float(stats.pearsonr(predictions, labels)[0]),
-        "spearmanr": float(stats.spearmanr(predictions, labels)[0]),
-    }
-
-
-GLUE_METRICS: dict[str, tuple[str, ...]] = {
-    "cola": ("matthews_correlation",),
-    "sst2": ("accuracy",),
-    "mrpc": ("accuracy", "f1"),
-    "qqp": ("accuracy", "f1"),
-    "stsb": ("pearson", "spearmanr"),
-    "mnli": ("accuracy",),
-    "qnli": ("accuracy",),
-    "rte": ("accuracy",),
-    "wnli": ("accuracy",),
-}
-
-
-def glue_metrics(task_name: str, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """GLUE's official metric(s) for ``task_name``; predictions are class ids, or scores for stsb."""
-    if task_name not in GLUE_METRICS:
-        raise ValueError(f"unknown GLUE task {task_name!r}; known: {', '.join(GLUE_METRICS)}")
-    if task_name == "stsb":
-        return pearson_spearman(predictions, labels)
-    if task_name == "cola":
-        return {"matthews_correlation": matthews_correlation(predictions, labels)}
-    result = {"accuracy": accuracy(predictions, labels)}
-    if task_name in ("mrpc", "qqp"):
-        result["f1"] = binary_f1(predictions, labels)
-    return result
 
 
 def classification_metrics(output: EvalOutput, with_f1: bool = False) -> dict[str, float]:

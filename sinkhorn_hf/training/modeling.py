@@ -44,7 +44,7 @@ def build_model(
     if model_args.attn_implementation == "sinkhorn":
         import sinkhorn_hf  # noqa: F401  (registers the "sinkhorn" attention)
 
-        config.sinkhorn_iterations = model_args.sinkhorn_iterations
+        model_args.sinkhorn_settings.to_config(config)
     if model_args.model_name_or_path is not None:
         model = auto_class.from_pretrained(
             model_args.model_name_or_path,

@@ -1,10 +1,13 @@
-"""Shared steps of the text pipelines: label conversion, subsampling, tokenisation."""
+"""Shared steps of the text pipelines: label conversion, subsampling, tokenizer and collator."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import datasets
+
+from .arguments import ModelArguments
 
 
 def check_columns(dataset: datasets.Dataset, needed: Sequence[str], where: str, hint: str) -> None:
@@ -49,3 +52,16 @@ def subsample(dataset: datasets.Dataset, n: int | None, seed: int) -> datasets.D
     if n is None or n >= len(dataset):
         return dataset
     return dataset.shuffle(seed=seed).select(range(n)).flatten_indices()
+
+
+def load_tokenizer(model_args: ModelArguments) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
+
+
+def text_collator(tokenizer: Any, config: Any) -> Any:
+    """Pads token ids (and attention masks) to the longest row of each batch."""
+    from transformers import DataCollatorWithPadding
+
+    return DataCollatorWithPadding(tokenizer)

@@ -13,6 +13,7 @@ import math
 import os
 import time
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from transformers import get_scheduler
 from .arguments import TrainerArguments
 from .checkpoints import TrainerState, checkpoint_dir, prune_checkpoints, resolve_checkpoint
 from .metrics import EvalOutput, MetricFn
-from .results import peak_memory_mb, write_results
+from .results import RunInfo, RunResults, peak_memory_mb
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class Trainer:
         compute_metrics: MetricFn,
         accelerator: Accelerator | None = None,
         processing_class: Any = None,
-        run_info: Mapping[str, Any] | None = None,
+        run_info: RunInfo,
         main_metric: str | None = None,
     ) -> None:
         if "" not in eval_datasets:
@@ -108,7 +109,7 @@ class Trainer:
         self.data_collator = data_collator
         self.compute_metrics = compute_metrics
         self.processing_class = processing_class
-        self.run_info = dict(run_info or {})
+        self.run_info = run_info
         self.metric_for_best_model = args.metric_for_best_model or main_metric
         if args.early_stopping_patience is not None and self.metric_for_best_model is None:
             raise ValueError("early stopping needs --metric_for_best_model")
@@ -236,7 +237,7 @@ class Trainer:
         self._clock = time.perf_counter()
 
     # ---------------------------------------------------------------- training
-    def train(self) -> dict[str, Any]:
+    def train(self) -> RunResults:
         """Train to ``max_steps`` (or early stop), evaluate, save model and results.json; return the results."""
         args, acc = self.args, self.accelerator
         self._prepare()
@@ -282,6 +283,7 @@ class Trainer:
                         {"train/loss": mean_loss, "train/learning_rate": self.scheduler.get_last_lr()[0]},
                         step=state.completed_steps,
                     )
+                    state.train_loss = mean_loss
                     progress.set_postfix(loss=f"{mean_loss:.4f}")
                     running_loss.zero_()
                     running_batches = 0
@@ -316,7 +318,7 @@ class Trainer:
         self.state.train_runtime_s += time.perf_counter() - self._clock
         self._clock = time.perf_counter()
 
-    def _finish(self) -> dict[str, Any]:
+    def _finish(self) -> RunResults:
         acc, state = self.accelerator, self.state
         acc.wait_for_everyone()
         model = acc.unwrap_model(self.model)
@@ -332,29 +334,23 @@ class Trainer:
             self.processing_class.save_pretrained(self.args.output_dir)
         final = state.history[-1]
         memory, memory_kind = peak_memory_mb(acc.device)
-        results = {
-            **self.run_info,
-            "metrics": {k: v for k, v in final.items() if k != "step" and not k.startswith("num_samples")},
-            "num_eval_samples": {k: v for k, v in final.items() if k.startswith("num_samples")},
-            "num_train_samples": len(self.train_dataset),
-            "train_steps": state.completed_steps,
-            "epochs": round(state.completed_steps / self.steps_per_epoch, 4),
-            "seed": self.args.seed,
-            "stopped_early": state.stopped_early,
-            "train_runtime_s": round(state.train_runtime_s, 2),
-            "train_samples_per_second": round(state.samples_seen / max(state.train_runtime_s, 1e-9), 3),
-            "peak_memory_mb": round(memory, 1),
-            "peak_memory_kind": memory_kind,
-            "num_processes": acc.num_processes,
-            "mixed_precision": acc.mixed_precision,
-            "eval_history": state.history,
-        }
+        results = RunResults(
+            **{**asdict(self.run_info), "seed": self.args.seed},
+            metrics={k: v for k, v in final.items() if k != "step" and not k.startswith("num_samples")},
+            num_eval_samples={k: v for k, v in final.items() if k.startswith("num_samples")},
+            num_train_samples=len(self.train_dataset),
+            train_steps=state.completed_steps,
+            epochs=round(state.completed_steps / self.steps_per_epoch, 4),
+            stopped_early=state.stopped_early,
+            train_loss=state.train_loss,
+            train_runtime_s=round(state.train_runtime_s, 2),
+            train_samples_per_second=round(state.samples_seen / max(state.train_runtime_s, 1e-9), 3),
+            peak_memory_mb=round(memory, 1),
+            peak_memory_kind=memory_kind,
+            num_processes=acc.num_processes,
+            mixed_precision=acc.mixed_precision,
+            eval_history=state.history,
+        )
         if acc.is_main_process:
-            write_results(self.args.output_dir, results)
-            if self.args.push_to_hub:
-                from ..hub import push, write_card
-
-                write_card(self.args.output_dir, repo_id=self.args.hub_model_id)
-                report = push(self.args.output_dir, self.args.hub_model_id, private=self.args.hub_private_repo)
-                tqdm.write(f"pushed {len(report.files)} files to {self.args.hub_model_id}")
+            results.write(self.args.output_dir)
         return results

@@ -21,14 +21,13 @@ POSITIVE, NEGATIVE, FILLER = ["sinkhorn", "doubly", "stochastic"], ["padding", "
 def _fresh_accelerate_state_one_thread():
     """The trainer's Accelerator is a process-wide singleton: leave none behind for other tests. One thread:
     on a shared 2-core machine a second OpenMP thread mostly waits for a busy core."""
-    from accelerate.state import AcceleratorState, GradientState
+    from sinkhorn_hf.compat import reset_accelerate_state
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
 
 
 def write_sst2(path: Path, rows: int, seed: int) -> Path:
@@ -48,19 +47,21 @@ def test_convert_finetune_card_reload(tiny_bert, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from sinkhorn_hf.training.arguments import ModelArguments, TrainerArguments
-    from sinkhorn_hf.training.glue import GlueDataArguments, run_glue
+    from sinkhorn_hf.training.run import run_task
+    from sinkhorn_hf.training.tasks.glue import GLUE, GlueDataArguments
 
     converted = convert(tiny_bert, tmp_path / "converted", iterations=3).output_dir
     train, dev = write_sst2(tmp_path / "train.tsv", 32, 0), write_sst2(tmp_path / "dev.tsv", 12, 1)
     run_dir = tmp_path / "run"
-    results = run_glue(
+    results = run_task(
+        GLUE,
         ModelArguments(model_name_or_path=str(converted), attn_implementation="sinkhorn", sinkhorn_iterations=3),
         GlueDataArguments(task_name="sst2", train_file=str(train), validation_file=str(dev)),
         TrainerArguments(output_dir=str(run_dir), max_train_steps=4, learning_rate=1e-3, checkpointing_steps="2"),
     )
     card = ModelCard.load(write_card(run_dir, base_model="prajjwal1/bert-tiny"))
-    assert card.data.eval_results[0].metric_value == results["metrics"]["accuracy"]
-    assert card.data.base_model == "prajjwal1/bert-tiny" and f"```bash\n{results['command']}\n```" in card.text
+    assert card.data.eval_results[0].metric_value == results.metrics["accuracy"]
+    assert card.data.base_model == "prajjwal1/bert-tiny" and f"```bash\n{results.command}\n```" in card.text
 
     reloaded = AutoModelForSequenceClassification.from_pretrained(run_dir).eval()
     assert reloaded.config._attn_implementation == "sinkhorn" and reloaded.config.sinkhorn_iterations == 3
@@ -78,7 +79,7 @@ def test_convert_finetune_card_reload(tiny_bert, tmp_path):
         sinkhorn_logits = reloaded(**inputs).logits
         # Reloaded from disk it reproduces the accuracy the trainer measured.
         accuracy = (sinkhorn_logits.argmax(-1) == torch.tensor([int(y) for y in labels])).float().mean().item()
-        assert accuracy == pytest.approx(results["metrics"]["accuracy"])
+        assert accuracy == pytest.approx(results.metrics["accuracy"])
         # Sinkhorn is what runs: the same weights with SoftMax give other outputs.
         reloaded.set_attn_implementation("eager")
         assert (reloaded(**inputs).logits - sinkhorn_logits).abs().max() > 1e-3

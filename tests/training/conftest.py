@@ -6,7 +6,8 @@ import random
 from pathlib import Path
 
 import pytest
-from accelerate.state import AcceleratorState, GradientState
+
+from sinkhorn_hf.compat import reset_accelerate_state
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "movie", "film", "is", "plot", "it", "was"]
 POSITIVE = ["good", "great", "fine", "superb"]
@@ -17,8 +18,7 @@ NEGATIVE = ["bad", "awful", "dull", "boring"]
 def _fresh_accelerate_state():
     """Each trainer in a test process starts from a clean accelerate state, as a new process would."""
     yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sinkhorn_hf.training.glue import GLUE_TASKS, GlueDataArguments, load_glue, load_glue_file
+from sinkhorn_hf.training.tasks.glue import GLUE_TASKS, GlueDataArguments, load_glue, load_glue_file
 
 COLA = (
     "gj04\t1\t\tOur friends won't buy this analysis, let alone the next one we propose.\n"
@@ -124,25 +124,28 @@ def test_stsb_regression_and_mnli_mismatched_end_to_end(tiny_bert, tmp_path):
     from transformers import HfArgumentParser
 
     from sinkhorn_hf.training.arguments import ModelArguments, TrainerArguments
-    from sinkhorn_hf.training.glue import run_glue
+    from sinkhorn_hf.training.run import run_task
+    from sinkhorn_hf.training.tasks.glue import GLUE
 
     parser = HfArgumentParser((ModelArguments, GlueDataArguments, TrainerArguments))
     common = ["--model_name_or_path", str(tiny_bert), "--max_train_steps", "2", "--attn_implementation", "sinkhorn"]
     stsb = write(tmp_path, "stsb.tsv", STSB)
-    result = run_glue(
+    result = run_task(
+        GLUE,
         *parser.parse_args_into_dataclasses(
             [*common, "--task_name", "stsb", "--train_file", stsb, "--validation_file", stsb,
              "--output_dir", str(tmp_path / "stsb")]
         )
     )  # fmt: skip
-    assert set(result["metrics"]) == {"pearson", "spearmanr"}
+    assert set(result.metrics) == {"pearson", "spearmanr"}
     mnli = write(tmp_path, "mnli.tsv", MNLI)
-    result = run_glue(
+    result = run_task(
+        GLUE,
         *parser.parse_args_into_dataclasses(
             [*common, "--task_name", "mnli", "--train_file", mnli, "--validation_file", mnli,
              "--validation_mismatched_file", mnli, "--output_dir", str(tmp_path / "mnli")]
         )
     )  # fmt: skip
-    assert set(result["metrics"]) == {"accuracy", "accuracy_mm"}
-    assert result["metrics"]["accuracy"] == result["metrics"]["accuracy_mm"]  # the same file twice
-    assert result["eval_split"] == ["validation_matched", "validation_mismatched"]
+    assert set(result.metrics) == {"accuracy", "accuracy_mm"}
+    assert result.metrics["accuracy"] == result.metrics["accuracy_mm"]  # the same file twice
+    assert result.eval_split == ["validation_matched", "validation_mismatched"]

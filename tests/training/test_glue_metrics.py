@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from sinkhorn_hf.training.metrics import EvalOutput, classification_metrics, glue_metrics
+from sinkhorn_hf.training.metrics import EvalOutput, classification_metrics
+from sinkhorn_hf.training.tasks.glue import glue_metrics
 
 # TP = 2 (rows 0, 4), FP = 1 (row 1), FN = 1 (row 3), TN = 1 (row 2)
 PREDICTIONS = np.array([1, 1, 0, 0, 1])

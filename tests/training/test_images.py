@@ -8,7 +8,8 @@ from PIL import Image
 from transformers import HfArgumentParser
 
 from sinkhorn_hf.training.arguments import ModelArguments, TrainerArguments
-from sinkhorn_hf.training.images import ImageDataArguments, load_images, run_image_classification, to_channels
+from sinkhorn_hf.training.run import run_task
+from sinkhorn_hf.training.tasks.images import IMAGES, ImageDataArguments, load_images, to_channels
 
 VIT = "image_size=12,patch_size=4,hidden_size=32,num_hidden_layers=2,num_attention_heads=4,intermediate_size=64"
 
@@ -35,17 +36,18 @@ def test_vit_from_config_learns_grayscale_npz(tmp_path):
     x_test, y_test = quadrant_images(37, 1)
     npz = tmp_path / "quadrants.npz"
     np.savez_compressed(npz, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
-    result = run_image_classification(
+    result = run_task(
+        IMAGES,
         *parse(
             "--model_type", "vit", "--config_overrides", VIT, "--train_file", str(npz), "--output_dir",
             str(tmp_path / "out"), "--attn_implementation", "sinkhorn", "--num_train_epochs", "4",
             "--learning_rate", "2e-3", "--per_device_train_batch_size", "16",
         )
     )  # fmt: skip
-    assert result["eval_split"] == f"{npz}: x_test/y_test"
-    assert result["num_eval_samples"] == {"num_samples": 37}
-    assert result["model_name_or_path"] == "vit (random init)" and result["config_overrides"] == VIT
-    assert result["metrics"]["accuracy"] > 0.9
+    assert result.eval_split == f"{npz}: x_test/y_test"
+    assert result.num_eval_samples == {"num_samples": 37}
+    assert result.model_name_or_path == "vit (random init)" and result.config_overrides == VIT
+    assert result.metrics["accuracy"] > 0.9
     # the processor made for the config is saved with the model
     assert (tmp_path / "out" / "preprocessor_config.json").exists()
 
@@ -58,16 +60,17 @@ def test_image_folder_with_holdout_and_lora(tmp_path):
         folder.mkdir(parents=True, exist_ok=True)
         mode = "RGB" if i % 2 else "L"  # a mix of colour and grayscale files
         Image.fromarray(image).convert(mode).save(folder / f"{i}.png")
-    result = run_image_classification(
+    result = run_task(
+        IMAGES,
         *parse(
             "--model_type", "vit", "--config_overrides", VIT, "--train_dir", str(tmp_path / "images"),
             "--train_val_split", "0.25", "--output_dir", str(tmp_path / "out"), "--max_train_steps", "3",
             "--lora_r", "2",
         )
     )  # fmt: skip
-    assert result["num_eval_samples"] == {"num_samples": 10} and result["num_train_samples"] == 30
-    assert result["eval_split"] == "0.25 of train held out (seed 42)"
-    assert result["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    assert result.num_eval_samples == {"num_samples": 10} and result.num_train_samples == 30
+    assert result.eval_split == "0.25 of train held out (seed 42)"
+    assert result.lora["target_modules"] == ["q_proj", "v_proj"]
     train, _, label_names, _ = load_images(ImageDataArguments(train_dir=str(tmp_path / "images")), seed=0)
     assert sorted(label_names) == sorted(names)
 

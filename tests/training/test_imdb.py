@@ -6,7 +6,8 @@ import pytest
 from transformers import AutoTokenizer, HfArgumentParser
 
 from sinkhorn_hf.training.arguments import ModelArguments, TrainerArguments
-from sinkhorn_hf.training.imdb import ImdbDataArguments, load_imdb, run_imdb, tokenize
+from sinkhorn_hf.training.run import run_task
+from sinkhorn_hf.training.tasks.imdb import IMDB, ImdbDataArguments, load_imdb, tokenize
 from sinkhorn_hf.training.trainer import EXAMPLE_ID
 
 
@@ -48,14 +49,14 @@ def test_run_imdb_evaluates_each_review_once(tiny_bert, imdb_files, tmp_path, st
         "--doc_stride", "4", "--output_dir", str(tmp_path), "--num_train_epochs", "2", "--learning_rate", "3e-3",
         "--per_device_eval_batch_size", "4", "--attn_implementation", "sinkhorn",
     ]  # fmt: skip
-    result = run_imdb(*parser.parse_args_into_dataclasses(flags))
-    assert result["num_eval_samples"] == {"num_samples": 15}  # reviews, not chunks
-    assert set(result["metrics"]) == {"accuracy", "f1"}
-    assert result["task_name"] == "imdb" and result["long_text_strategy"] == strategy
+    result = run_task(IMDB, *parser.parse_args_into_dataclasses(flags))
+    assert result.num_eval_samples == {"num_samples": 15}  # reviews, not chunks
+    assert set(result.metrics) == {"accuracy", "f1"}
+    assert result.task_name == "imdb" and result.long_text_strategy == strategy
     if strategy == "truncate":
-        assert result["num_train_samples"] == 40
+        assert result.num_train_samples == 40
     else:
-        assert result["num_train_samples"] > 40  # every chunk is a training row
+        assert result.num_train_samples > 40  # every chunk is a training row
 
 
 def test_missing_label_column(tmp_path):

@@ -13,9 +13,10 @@ from transformers import (
 )
 
 from sinkhorn_hf.training.arguments import ModelArguments, TrainerArguments
-from sinkhorn_hf.training.glue import GlueDataArguments, run_glue
 from sinkhorn_hf.training.lora import apply_lora
 from sinkhorn_hf.training.modeling import load_config
+from sinkhorn_hf.training.run import run_task
+from sinkhorn_hf.training.tasks.glue import GLUE, GlueDataArguments
 
 
 def tiny(model_type: str):
@@ -66,16 +67,17 @@ def parse(*flags: str):
 def test_glue_lora_run_trains_adapters_and_leaves_the_base_model(tiny_bert, rte_files, tmp_path):
     train, dev = rte_files
     out = tmp_path / "out"
-    result = run_glue(
+    result = run_task(
+        GLUE,
         *parse(
             "--model_name_or_path", str(tiny_bert), "--task_name", "rte", "--train_file", train,
             "--validation_file", dev, "--output_dir", str(out), "--lora_r", "4", "--learning_rate", "1e-2",
             "--num_train_epochs", "2", "--attn_implementation", "sinkhorn", "--sinkhorn_iterations", "5",
         )
     )  # fmt: skip
-    assert result["lora"] == {"r": 4, "alpha": 16.0, "dropout": 0.1, "target_modules": ["query", "value"]}
-    assert result["sinkhorn_iterations"] == 5 and result["task_name"] == "rte"
-    assert result["dataset"] == [train, dev] and result["eval_split"] == ["validation"]
+    assert result.lora == {"r": 4, "alpha": 16.0, "dropout": 0.1, "target_modules": ["query", "value"]}
+    assert result.sinkhorn_iterations == 5 and result.task_name == "rte"
+    assert result.dataset == [train, dev] and result.eval_split == ["validation"]
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     base = load_file(tiny_bert / "model.safetensors")
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
@@ -118,14 +120,15 @@ def test_adjoint_checkpoint_scheme_trains_like_plain_backprop(tiny_bert, rte_fil
     results = {}
     for scheme in ("off", "checkpoint"):
         out = tmp_path / scheme
-        results[scheme] = run_glue(
+        results[scheme] = run_task(
+            GLUE,
             *parse(
                 "--model_name_or_path", str(tiny_bert), "--task_name", "rte", "--train_file", train,
                 "--validation_file", dev, "--output_dir", str(out), "--adjoint", scheme, "--max_train_steps", "6",
                 "--learning_rate", "1e-3",
             )
         )  # fmt: skip
-    assert results["checkpoint"]["adjoint"] == "checkpoint"
+    assert results["checkpoint"].adjoint == "checkpoint"
     ((scheme, stacks),) = attached  # only the checkpoint run attached a stack
     assert scheme == "checkpoint" and len(stacks) == 1
     off = load_file(tmp_path / "off" / "model.safetensors")

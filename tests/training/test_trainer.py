@@ -12,15 +12,10 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Data
 
 from sinkhorn_hf.training.arguments import ModelArguments, TrainerArguments
 from sinkhorn_hf.training.checkpoints import list_checkpoints
-from sinkhorn_hf.training.glue import GLUE_TASKS, compute_glue_metrics, load_glue_file, tokenize
 from sinkhorn_hf.training.modeling import build_model, load_config
+from sinkhorn_hf.training.results import RunInfo, RunResults
+from sinkhorn_hf.training.tasks.glue import GLUE_TASKS, compute_glue_metrics, load_glue_file, tokenize
 from sinkhorn_hf.training.trainer import Trainer, make_accelerator
-
-RESULT_KEYS = {
-    "model_name_or_path", "task_name", "dataset", "attn_implementation", "sinkhorn_iterations", "adjoint", "lora",
-    "command", "metrics", "eval_split", "num_train_samples", "train_steps", "epochs", "seed", "train_runtime_s",
-    "train_samples_per_second", "peak_memory_mb",
-}  # fmt: skip
 
 
 class CrashAfter:
@@ -61,7 +56,7 @@ def make_trainer(
         compute_metrics=compute_glue_metrics(task),
         accelerator=accelerator,
         processing_class=tokenizer,
-        run_info={"task_name": "sst2"},
+        run_info=RunInfo(model_name_or_path=str(model_dir), command="pytest", task_name="sst2"),
         main_metric="accuracy",
     )
 
@@ -81,10 +76,10 @@ def test_killed_run_resumes_to_the_same_result(tiny_bert, sst2_files, tmp_path):
     resumed = make_trainer(tiny_bert, sst2_files, tmp_path / "killed", resume_from_checkpoint="latest", **common)
     result = resumed.train()
 
-    assert result["train_steps"] == full["train_steps"] == 18
-    assert result["metrics"] == full["metrics"]
-    assert [h["step"] for h in result["eval_history"]] == [3, 6, 9, 12, 15, 18]
-    assert result["eval_history"] == full["eval_history"]
+    assert result.train_steps == full.train_steps == 18
+    assert result.metrics == full.metrics
+    assert [h["step"] for h in result.eval_history] == [3, 6, 9, 12, 15, 18]
+    assert result.eval_history == full.eval_history
     full_weights = load_file(tmp_path / "full" / "model.safetensors")
     resumed_weights = load_file(tmp_path / "killed" / "model.safetensors")
     assert full_weights.keys() == resumed_weights.keys()
@@ -109,7 +104,8 @@ def test_resume_latest_without_checkpoint_is_an_error(tiny_bert, sst2_files, tmp
 def test_results_json_and_saved_model(tiny_bert, sst2_files, tmp_path):
     result = make_trainer(tiny_bert, sst2_files, tmp_path, save_total_limit=1, checkpointing_steps="epoch").train()
     written = json.loads((tmp_path / "results.json").read_text())
-    assert written == json.loads(json.dumps(result))
+    assert written == json.loads(json.dumps(result.to_dict()))
+    assert RunResults.read(tmp_path / "results.json") == result
     assert {"task_name", "metrics", "num_train_samples", "train_steps", "epochs", "seed", "train_runtime_s",
             "train_samples_per_second", "peak_memory_mb"} <= written.keys()  # fmt: skip
     assert written["num_train_samples"] == 96 and written["train_steps"] == 60 and written["epochs"] == 5
@@ -134,8 +130,8 @@ def test_results_json_and_saved_model(tiny_bert, sst2_files, tmp_path):
 def test_warmup_schedule_and_tensorboard_logs(tiny_bert, sst2_files, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    make_trainer(tiny_bert, sst2_files, tmp_path, learning_rate=1e-3, max_train_steps=6, num_warmup_steps=2,
-                 with_tracking=True).train()  # fmt: skip
+    result = make_trainer(tiny_bert, sst2_files, tmp_path, learning_rate=1e-3, max_train_steps=6,
+                          num_warmup_steps=2, with_tracking=True).train()  # fmt: skip
     logs = EventAccumulator(str(tmp_path / "runs" / "sinkhorn_hf"))  # accelerate's tensorboard layout
     logs.Reload()
     lrs = {e.step: e.value for e in logs.Scalars("train/learning_rate")}
@@ -145,15 +141,20 @@ def test_warmup_schedule_and_tensorboard_logs(tiny_bert, sst2_files, tmp_path):
     for step, value in expected.items():
         assert lrs[step] == pytest.approx(value, abs=1e-9)
     assert [e.step for e in logs.Scalars("eval/accuracy")] == [6]
+    # results.json records the final training loss: the last one logged (tensorboard keeps float32)
+    losses = logs.Scalars("train/loss")
+    assert losses[-1].step == 6 and len({e.value for e in losses}) > 1
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["train_loss"] == result.train_loss == pytest.approx(losses[-1].value, rel=1e-6)
 
 
 def test_early_stopping_stops_after_patience(tiny_bert, sst2_files, tmp_path):
     # With a zero learning rate the metric never improves: best at the first eval, then `patience` more.
     result = make_trainer(tiny_bert, sst2_files, tmp_path, learning_rate=0.0, eval_steps=2,
                           early_stopping_patience=2).train()  # fmt: skip
-    assert result["stopped_early"] is True
-    assert result["train_steps"] == 6
-    assert [h["step"] for h in result["eval_history"]] == [2, 4, 6]
+    assert result.stopped_early is True
+    assert result.train_steps == 6
+    assert [h["step"] for h in result.eval_history] == [2, 4, 6]
 
 
 def test_early_stopping_on_an_unknown_metric_is_an_error(tiny_bert, sst2_files, tmp_path):
@@ -180,7 +181,8 @@ def test_push_to_hub_writes_a_card_and_uploads_the_run(tiny_bert, sst2_files, tm
     from transformers import HfArgumentParser
 
     import sinkhorn_hf.hub
-    from sinkhorn_hf.training.glue import GlueDataArguments, run_glue
+    from sinkhorn_hf.training.run import run_task
+    from sinkhorn_hf.training.tasks.glue import GLUE, GlueDataArguments
 
     real_push, pushed = sinkhorn_hf.hub.push, []
 
@@ -195,7 +197,7 @@ def test_push_to_hub_writes_a_card_and_uploads_the_run(tiny_bert, sst2_files, tm
         "--validation_file", str(sst2_files[1]), "--output_dir", str(tmp_path), "--max_train_steps", "2",
         "--attn_implementation", "sinkhorn", "--push_to_hub", "--hub_model_id", "someone/tiny-sinkhorn-sst2",
     ]  # fmt: skip
-    run_glue(*parser.parse_args_into_dataclasses(flags))
+    run_task(GLUE, *parser.parse_args_into_dataclasses(flags))
     assert pushed == [("someone/tiny-sinkhorn-sst2", False)]
     card = (tmp_path / "README.md").read_text()
     assert "sinkhorn" in card and "someone/tiny-sinkhorn-sst2" in card
@@ -224,7 +226,7 @@ def test_bf16_mixed_precision_trains(tiny_bert, sst2_files, tmp_path):
     # sdpa: sinkhorn's backward under bf16 autocast is the attention module's to test
     trainer = make_trainer(tiny_bert, sst2_files, tmp_path, attn="sdpa", max_train_steps=3, mixed_precision="bf16")
     result = trainer.train()
-    assert result["mixed_precision"] == "bf16" and result["train_steps"] == 3
+    assert result.mixed_precision == "bf16" and result.train_steps == 3
     weights = load_file(tmp_path / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in weights.values())
     assert weights["classifier.weight"].dtype == torch.float32  # autocast; the master weights stay float32

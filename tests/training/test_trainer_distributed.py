@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from transformers import HfArgumentParser
 
 from sinkhorn_hf.training.arguments import ModelArguments, TrainerArguments
-from sinkhorn_hf.training.glue import GlueDataArguments, run_glue
+from sinkhorn_hf.training.run import run_task
+from sinkhorn_hf.training.tasks.glue import GLUE, GlueDataArguments
 from sinkhorn_hf.training.trainer import make_accelerator
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "run_glue.py"
@@ -31,6 +32,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tiny_bert, sst2_files, tmp_path):
     train, dev = sst2_files
     common = [
@@ -41,10 +43,11 @@ def test_two_processes_match_one(tiny_bert, sst2_files, tmp_path):
         "--config_overrides", "hidden_dropout_prob=0,attention_probs_dropout_prob=0",
     ]  # fmt: skip
     parser = HfArgumentParser((ModelArguments, GlueDataArguments, TrainerArguments))
-    single = run_glue(
+    single = run_task(
+        GLUE,
         *parser.parse_args_into_dataclasses(
             [*common, "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "one")]
-        )
+        ),
     )
 
     launch = [
@@ -66,12 +69,12 @@ def test_two_processes_match_one(tiny_bert, sst2_files, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     double = json.loads((tmp_path / "two" / "results.json").read_text())
 
-    assert double["num_processes"] == 2 and single["num_processes"] == 1
+    assert double["num_processes"] == 2 and single.num_processes == 1
     assert double["command"].startswith("accelerate launch --num_processes 2 --multi_gpu ")
     # every dev row evaluated once (41 rows do not split evenly over 2 processes x batches of 4)
-    assert double["num_eval_samples"] == single["num_eval_samples"] == {"num_samples": 41}
-    assert double["train_steps"] == single["train_steps"] == 24  # 96 rows / global batch 8, 2 epochs
-    assert double["metrics"] == single["metrics"]
+    assert double["num_eval_samples"] == single.num_eval_samples == {"num_samples": 41}
+    assert double["train_steps"] == single.train_steps == 24  # 96 rows / global batch 8, 2 epochs
+    assert double["metrics"] == single.metrics
     one = load_file(tmp_path / "one" / "model.safetensors")
     two = load_file(tmp_path / "two" / "model.safetensors")
     for name, value in one.items():

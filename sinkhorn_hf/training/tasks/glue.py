@@ -7,17 +7,21 @@ Hub's names (e.g. MRPC's ``#1 String`` -> ``sentence1``, MNLI's ``gold_label`` -
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
 
-from .arguments import ModelArguments, TrainerArguments
-from .files import load_table, read_header, table_format
-from .metrics import GLUE_METRICS, EvalOutput, glue_metrics
-from .text import check_columns, encode_labels, subsample
+from ..arguments import ModelArguments
+from ..files import load_table, read_header, table_format
+from ..metrics import EvalOutput, MetricFn
+from ..run import Task, TaskData
+from ..text import check_columns, encode_labels, load_tokenizer, subsample, text_collator
 
 HUB_DATASET = "nyu-mll/glue"
+METRIC_MODULE = Path(__file__).with_name("glue_metric.py")
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,8 @@ class GlueTask:
     """One GLUE task as the Hub's ``nyu-mll/glue`` lays it out.
 
     ``label_names`` in the Hub's id order (None: regression); ``tsv_columns`` maps the original GLUE TSV
-    header names to the Hub's; ``headerless`` names the columns of a TSV without a header line.
+    header names to the Hub's; ``headerless`` names the columns of a TSV without a header line; ``title`` is
+    the benchmark's own spelling (SST-2); ``main_metric`` the one early stopping watches by default.
     """
 
     name: str
@@ -34,14 +39,12 @@ class GlueTask:
     validation_splits: tuple[str, ...] = ("validation",)
     tsv_columns: dict[str, str] = field(default_factory=dict)
     headerless: tuple[str, ...] | None = None
+    title: str = ""
+    main_metric: str = "accuracy"
 
     @property
     def num_labels(self) -> int:
         return 1 if self.label_names is None else len(self.label_names)
-
-    @property
-    def main_metric(self) -> str:
-        return GLUE_METRICS[self.name][0]
 
 
 _NLI = ("entailment", "not_entailment")
@@ -53,28 +56,43 @@ GLUE_TASKS: dict[str, GlueTask] = {
             ("sentence",),
             ("unacceptable", "acceptable"),
             headerless=("sentence_source", "label", "label_notes", "sentence"),
+            title="CoLA",
+            main_metric="matthews_correlation",
         ),
-        GlueTask("sst2", ("sentence",), ("negative", "positive")),
+        GlueTask("sst2", ("sentence",), ("negative", "positive"), title="SST-2"),
         GlueTask(
             "mrpc",
             ("sentence1", "sentence2"),
             ("not_equivalent", "equivalent"),
             tsv_columns={"#1 String": "sentence1", "#2 String": "sentence2", "Quality": "label"},
+            title="MRPC",
         ),
         GlueTask(
-            "qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), tsv_columns={"is_duplicate": "label"}
+            "qqp",
+            ("question1", "question2"),
+            ("not_duplicate", "duplicate"),
+            tsv_columns={"is_duplicate": "label"},
+            title="QQP",
         ),
-        GlueTask("stsb", ("sentence1", "sentence2"), None, tsv_columns={"score": "label"}),
+        GlueTask(
+            "stsb",
+            ("sentence1", "sentence2"),
+            None,
+            tsv_columns={"score": "label"},
+            title="STS-B",
+            main_metric="pearson",
+        ),
         GlueTask(
             "mnli",
             ("premise", "hypothesis"),
             ("entailment", "neutral", "contradiction"),
             validation_splits=("validation_matched", "validation_mismatched"),
             tsv_columns={"sentence1": "premise", "sentence2": "hypothesis", "gold_label": "label"},
+            title="MNLI",
         ),
-        GlueTask("qnli", ("question", "sentence"), _NLI),
-        GlueTask("rte", ("sentence1", "sentence2"), _NLI),
-        GlueTask("wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment")),
+        GlueTask("qnli", ("question", "sentence"), _NLI, title="QNLI"),
+        GlueTask("rte", ("sentence1", "sentence2"), _NLI, title="RTE"),
+        GlueTask("wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment"), title="WNLI"),
     )
 }
 # Metric-name suffix of each extra validation split (the main one keeps plain names).
@@ -162,7 +180,22 @@ def tokenize(dataset: datasets.Dataset, task: GlueTask, tokenizer: Any, max_leng
     return dataset.map(encode, batched=True, remove_columns=list(task.text_columns), desc="tokenize")
 
 
-def compute_glue_metrics(task: GlueTask):
+@cache
+def _metric(task_name: str) -> Any:
+    import evaluate
+
+    return evaluate.load(str(METRIC_MODULE), task_name)
+
+
+def glue_metrics(task_name: str, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """GLUE's official metric(s) for ``task_name`` (the local evaluate module); predictions are class ids, or
+    scores for stsb."""
+    if task_name not in GLUE_TASKS:
+        raise ValueError(f"unknown GLUE task {task_name!r}; known: {', '.join(GLUE_TASKS)}")
+    return _metric(task_name).compute(predictions=predictions, references=labels)
+
+
+def compute_glue_metrics(task: GlueTask) -> MetricFn:
     def compute(output: EvalOutput) -> dict[str, float]:
         if task.label_names is None:
             predictions = output.logits[:, 0]
@@ -173,63 +206,30 @@ def compute_glue_metrics(task: GlueTask):
     return compute
 
 
-def run_glue(
-    model_args: ModelArguments, data_args: GlueDataArguments, trainer_args: TrainerArguments
-) -> dict[str, Any]:
-    """Fine-tune on one GLUE task; writes the model and results.json into ``--output_dir``."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
-
-    from .modeling import build_model, load_config
-    from .results import run_header
-    from .trainer import Trainer, make_accelerator
-
+def load_task_data(data_args: GlueDataArguments, model_args: ModelArguments, seed: int) -> TaskData:
+    """Tokenized, subsampled train and validation splits (MNLI mismatched under the ``_mm`` suffix)."""
     task = GLUE_TASKS[data_args.task_name]
-    accelerator = make_accelerator(trainer_args)
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
-    with accelerator.main_process_first():
-        splits = load_glue(data_args)
-        train = tokenize(
-            subsample(splits["train"], data_args.max_train_samples, trainer_args.seed),
-            task,
-            tokenizer,
-            data_args.max_length,
-        )
-        evals = {
-            SPLIT_SUFFIX.get(split, ""): tokenize(
-                subsample(splits[split], data_args.max_eval_samples, trainer_args.seed),
-                task,
-                tokenizer,
-                data_args.max_length,
-            )
-            for split in task.validation_splits
-            if split in splits
-        }
-    labels = {} if task.label_names is None else dict(enumerate(task.label_names))
-    config = load_config(
-        model_args,
-        num_labels=task.num_labels,
-        **({"id2label": labels, "label2id": {v: k for k, v in labels.items()}} if labels else {}),
-    )
-    model, lora_targets = build_model(model_args, config, AutoModelForSequenceClassification)
-    header = run_header(
-        model_args,
-        trainer_args,
+    tokenizer = load_tokenizer(model_args)
+    splits = load_glue(data_args)
+
+    def prepare(split: str, limit: int | None) -> datasets.Dataset:
+        return tokenize(subsample(splits[split], limit, seed), task, tokenizer, data_args.max_length)
+
+    return TaskData(
         task_name=task.name,
         dataset=list(data_args.local_files.values()) or f"{HUB_DATASET}/{task.name}",
         eval_split=[s for s in task.validation_splits if s in splits],
-    )
-    if header["lora"] is not None:
-        header["lora"]["target_modules"] = list(lora_targets)
-    trainer = Trainer(
-        model,
-        trainer_args,
-        train_dataset=train,
-        eval_datasets=evals,
-        data_collator=DataCollatorWithPadding(tokenizer),
+        train=prepare("train", data_args.max_train_samples),
+        evals={
+            SPLIT_SUFFIX.get(split, ""): prepare(split, data_args.max_eval_samples)
+            for split in task.validation_splits
+            if split in splits
+        },
+        label_names=task.label_names,
         compute_metrics=compute_glue_metrics(task),
-        accelerator=accelerator,
-        processing_class=tokenizer,
-        run_info=header,
         main_metric=task.main_metric,
+        processor=tokenizer,
     )
-    return trainer.train()
+
+
+GLUE = Task(GlueDataArguments, "AutoModelForSequenceClassification", load_task_data, text_collator)

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .arguments import ModelArguments, TrainerArguments
-from .metrics import EvalOutput, classification_metrics
-from .text import subsample
+from ..arguments import ModelArguments
+from ..metrics import EvalOutput, classification_metrics
+from ..run import Task, TaskData
+from ..text import subsample
 
 _NPZ_SPLITS = {"train": ("x_train", "y_train"), "test": ("x_test", "y_test"), "all": ("x", "y")}
 
@@ -179,53 +180,35 @@ def compute_image_metrics(output: EvalOutput) -> dict[str, float]:
     return classification_metrics(output)
 
 
-def run_image_classification(
-    model_args: ModelArguments, data_args: ImageDataArguments, trainer_args: TrainerArguments
-) -> dict[str, Any]:
-    """Fine-tune (or train from a config) an image classifier; writes model and results.json."""
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
+def load_task_data(data_args: ImageDataArguments, model_args: ModelArguments, seed: int) -> TaskData:
+    """Raw images (the collator processes them) and the pretrained image processor when there is one."""
+    from transformers import AutoImageProcessor
 
-    from .modeling import build_model, load_config
-    from .results import run_header
-    from .trainer import Trainer, make_accelerator
-
-    accelerator = make_accelerator(trainer_args)
-    with accelerator.main_process_first():
-        train, validation, names, eval_split = load_images(data_args, trainer_args.seed)
-        train = subsample(train, data_args.max_train_samples, trainer_args.seed)
-        validation = subsample(validation, data_args.max_eval_samples, trainer_args.seed)
-    labels = dict(enumerate(names))
-    config = load_config(model_args, num_labels=len(names), id2label=labels, label2id={v: k for k, v in labels.items()})
-    pretrained = model_args.model_name_or_path is not None
-    model, lora_targets = build_model(
-        model_args,
-        config,
-        AutoModelForImageClassification,
-        **({"ignore_mismatched_sizes": True} if pretrained else {}),
-    )
+    train, validation, names, eval_split = load_images(data_args, seed)
     processor_name = model_args.image_processor_name or model_args.model_name_or_path
-    processor = (
-        AutoImageProcessor.from_pretrained(processor_name) if processor_name else default_image_processor(config)
-    )
-    header = run_header(
-        model_args,
-        trainer_args,
+    return TaskData(
         task_name="image-classification",
         dataset=data_args.source,
         eval_split=eval_split,
-    )
-    if header["lora"] is not None:
-        header["lora"]["target_modules"] = list(lora_targets)
-    trainer = Trainer(
-        model,
-        trainer_args,
-        train_dataset=train.with_format("numpy"),
-        eval_datasets={"": validation.with_format("numpy")},
-        data_collator=ImageCollator(processor, getattr(config, "num_channels", 3)),
+        train=subsample(train, data_args.max_train_samples, seed).with_format("numpy"),
+        evals={"": subsample(validation, data_args.max_eval_samples, seed).with_format("numpy")},
+        label_names=names,
         compute_metrics=compute_image_metrics,
-        accelerator=accelerator,
-        processing_class=processor,
-        run_info=header,
         main_metric="accuracy",
+        processor=AutoImageProcessor.from_pretrained(processor_name) if processor_name else None,
     )
-    return trainer.train()
+
+
+def image_collator(processor: Any, config: Any) -> ImageCollator:
+    return ImageCollator(processor, getattr(config, "num_channels", 3))
+
+
+IMAGES = Task(
+    ImageDataArguments,
+    "AutoModelForImageClassification",
+    load_task_data,
+    image_collator,
+    default_processor=default_image_processor,
+    # a pretrained head of another size is replaced by a fresh one (ignored when building from a config)
+    load_kwargs={"ignore_mismatched_sizes": True},
+)

@@ -11,11 +11,12 @@ from typing import Any, Literal
 
 import datasets
 
-from .arguments import ModelArguments, TrainerArguments
-from .files import load_table
-from .metrics import EvalOutput, classification_metrics
-from .text import check_columns, encode_labels, subsample
-from .trainer import EXAMPLE_ID
+from ..arguments import ModelArguments
+from ..files import load_table
+from ..metrics import EvalOutput, classification_metrics
+from ..run import Task, TaskData
+from ..text import check_columns, encode_labels, load_tokenizer, subsample, text_collator
+from ..trainer import EXAMPLE_ID
 
 HUB_DATASET = "stanfordnlp/imdb"
 LABEL_NAMES = ("neg", "pos")
@@ -85,47 +86,26 @@ def compute_imdb_metrics(output: EvalOutput) -> dict[str, float]:
     return classification_metrics(output, with_f1=True)
 
 
-def run_imdb(
-    model_args: ModelArguments, data_args: ImdbDataArguments, trainer_args: TrainerArguments
-) -> dict[str, Any]:
-    """Fine-tune on IMDB; writes the model and results.json into ``--output_dir``."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
-
-    from .modeling import build_model, load_config
-    from .results import run_header
-    from .trainer import Trainer, make_accelerator
-
-    accelerator = make_accelerator(trainer_args)
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
-    with accelerator.main_process_first():
-        splits = load_imdb(data_args)
-        train = tokenize(
-            subsample(splits["train"], data_args.max_train_samples, trainer_args.seed), tokenizer, data_args
-        )
-        test = tokenize(subsample(splits["test"], data_args.max_eval_samples, trainer_args.seed), tokenizer, data_args)
-    labels = dict(enumerate(LABEL_NAMES))
-    config = load_config(model_args, num_labels=2, id2label=labels, label2id={v: k for k, v in labels.items()})
-    model, lora_targets = build_model(model_args, config, AutoModelForSequenceClassification)
-    header = run_header(
-        model_args,
-        trainer_args,
+def load_task_data(data_args: ImdbDataArguments, model_args: ModelArguments, seed: int) -> TaskData:
+    """Tokenized (chunked) train and test splits; the test split evaluates."""
+    tokenizer = load_tokenizer(model_args)
+    splits = load_imdb(data_args)
+    train, test = (
+        tokenize(subsample(splits[split], limit, seed), tokenizer, data_args)
+        for split, limit in (("train", data_args.max_train_samples), ("test", data_args.max_eval_samples))
+    )
+    return TaskData(
         task_name="imdb",
         dataset=[data_args.train_file, data_args.validation_file] if data_args.train_file else data_args.dataset_name,
         eval_split="test",
-    )
-    header.update(long_text_strategy=data_args.long_text_strategy, max_length=data_args.max_length)
-    if header["lora"] is not None:
-        header["lora"]["target_modules"] = list(lora_targets)
-    trainer = Trainer(
-        model,
-        trainer_args,
-        train_dataset=train,
-        eval_datasets={"": test},
-        data_collator=DataCollatorWithPadding(tokenizer),
+        train=train,
+        evals={"": test},
+        label_names=LABEL_NAMES,
         compute_metrics=compute_imdb_metrics,
-        accelerator=accelerator,
-        processing_class=tokenizer,
-        run_info=header,
         main_metric="accuracy",
+        processor=tokenizer,
+        info={"long_text_strategy": data_args.long_text_strategy, "max_length": data_args.max_length},
     )
-    return trainer.train()
+
+
+IMDB = Task(ImdbDataArguments, "AutoModelForSequenceClassification", load_task_data, text_collator)

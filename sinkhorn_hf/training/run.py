@@ -1,0 +1,117 @@
+"""``run_task``: accelerator, data, config, model, trainer and results.json for any fine-tuning task.
+
+Every script is ``main(TASK)``: a :class:`Task` says how to read its data arguments into a :class:`TaskData`
+(datasets, processor, metrics) and how to batch them; everything else is the same for every task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .arguments import ModelArguments, TrainerArguments
+from .metrics import MetricFn
+from .results import RunResults, run_info
+
+
+@dataclass
+class TaskData:
+    """A task's data, ready to train on. ``evals`` maps a metric-name suffix to a dataset (``""``: the main
+    one); ``label_names`` in class-id order (None: regression); ``processor`` is the tokenizer or image
+    processor (None: the task builds one from the model config); ``info``: task fields of results.json."""
+
+    task_name: str
+    dataset: str | list[str]
+    eval_split: str | list[str]
+    train: Any
+    evals: Mapping[str, Any]
+    label_names: Sequence[str] | None
+    compute_metrics: MetricFn
+    main_metric: str
+    processor: Any = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Task:
+    """``load(data_args, model_args, seed)`` reads the data; ``collator(processor, config)`` batches it;
+    ``auto_class`` builds the model; ``default_processor(config)`` serves a model built from a config."""
+
+    data_arguments: type
+    auto_class: str
+    load: Callable[[Any, ModelArguments, int], TaskData]
+    collator: Callable[[Any, Any], Any]
+    default_processor: Callable[[Any], Any] | None = None
+    load_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+def label_config(label_names: Sequence[str] | None) -> dict[str, Any]:
+    """``num_labels`` (1 for regression) and the id <-> name maps of a classification head."""
+    if label_names is None:
+        return {"num_labels": 1}
+    labels = dict(enumerate(label_names))
+    return {"num_labels": len(labels), "id2label": labels, "label2id": {v: k for k, v in labels.items()}}
+
+
+def run_task(task: Task, model_args: ModelArguments, data_args: Any, trainer_args: TrainerArguments) -> RunResults:
+    """Fine-tune on ``task``; writes the model, its processor and results.json into ``--output_dir`` (and a
+    card and a Hub upload with ``--push_to_hub``)."""
+    import transformers
+
+    from .modeling import build_model, load_config
+    from .trainer import Trainer, make_accelerator
+
+    accelerator = make_accelerator(trainer_args)
+    with accelerator.main_process_first():
+        data = task.load(data_args, model_args, trainer_args.seed)
+    config = load_config(model_args, **label_config(data.label_names))
+    model, lora_targets = build_model(model_args, config, getattr(transformers, task.auto_class), **task.load_kwargs)
+    processor = data.processor if data.processor is not None else task.default_processor(config)
+    info = run_info(
+        model_args,
+        trainer_args,
+        task_name=data.task_name,
+        dataset=data.dataset,
+        eval_split=data.eval_split,
+        lora_targets=lora_targets,
+        **data.info,
+    )
+    trainer = Trainer(
+        model,
+        trainer_args,
+        train_dataset=data.train,
+        eval_datasets=data.evals,
+        data_collator=task.collator(processor, config),
+        compute_metrics=data.compute_metrics,
+        accelerator=accelerator,
+        processing_class=processor,
+        run_info=info,
+        main_metric=data.main_metric,
+    )
+    results = trainer.train()
+    if trainer_args.push_to_hub and accelerator.is_main_process:
+        _push(trainer_args)
+    return results
+
+
+def _push(trainer_args: TrainerArguments) -> None:
+    from tqdm.auto import tqdm
+
+    from .. import hub
+
+    hub.write_card(trainer_args.output_dir, repo_id=trainer_args.hub_model_id)
+    report = hub.push(trainer_args.output_dir, trainer_args.hub_model_id, private=trainer_args.hub_private_repo)
+    tqdm.write(f"pushed {len(report.files)} files to {trainer_args.hub_model_id}")
+
+
+def task_parser(task: Task) -> Any:
+    """The ``HfArgumentParser`` of a script: model, data and trainer arguments."""
+    from transformers import HfArgumentParser
+
+    return HfArgumentParser((ModelArguments, task.data_arguments, TrainerArguments))
+
+
+def main(task: Task, argv: Sequence[str] | None = None) -> RunResults:
+    """A script's body: parse the command line (``argv``, default sys.argv) and :func:`run_task`."""
+    return run_task(task, *task_parser(task).parse_args_into_dataclasses(argv))
