@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 from adjoint_helpers import loss_and_grads, rel_error, script_module, tiny_model, unit_scale_stream
 
@@ -51,9 +52,10 @@ def test_tiny_cls_token_at_init_is_detected():
     # DeiT's init leaves the CLS/distillation tokens ~0.02: LayerNorm amplifies their rebuild error ~50x.
     model, inputs = tiny_model("deit", dropout=0.0)
     _, exact = loss_and_grads(model, inputs)
-    enable_adjoint(model, "euler")
-    _, blind = loss_and_grads(model, inputs)
-    assert rel_error(blind, exact) > 0.5  # the reverse step alone gives wrong gradients
+    enable_adjoint(model, "euler", allow_inexact=True)
+    with pytest.warns(RuntimeWarning, match=r"rebuilt inputs of layers \[0, 1, 2\] are off"):
+        _, blind = loss_and_grads(model, inputs)
+    assert rel_error(blind, exact) > 0.5  # the reverse step alone gives wrong gradients (the guard says so)
     (stack,) = enable_adjoint(model, "auto")
     _, grads = loss_and_grads(model, inputs)
     assert stack.anchors
