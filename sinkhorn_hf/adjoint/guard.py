@@ -54,8 +54,9 @@ class RebuildGuard:
         if nonfinite:
             shown = "" if errors is None else f" (rebuild errors: {_listing(positions, errors)})"
             raise InexactAdjointError(
-                f"adjoint {self.label}: the rebuilt input of layer(s) {nonfinite} is not finite (inf/NaN){shown}; "
-                f"the gradients would be non-finite (allow_inexact does not cover this). {_REMEDY}."
+                f"adjoint {self.label}: the rebuilt inputs of layers {nonfinite} are not finite (inf/NaN), starting "
+                f"at layer {max(nonfinite)} (inputs are rebuilt top-down){shown}; the gradients would be non-finite "
+                f"(allow_inexact does not cover this). {_REMEDY}."
             )
         if errors is None:
             return
@@ -64,8 +65,8 @@ class RebuildGuard:
         if not over:
             return
         message = (
-            f"adjoint {self.label}: the rebuilt inputs of layers {over} are off by more than the tolerance "
-            f"{self.tolerance:g} (worst token's relative error; {_listing(positions, errors)}), so the gradients "
+            f"adjoint {self.label}: the rebuilt inputs of layers {over} are off by more than {self.tolerance:g}, "
+            f"the tolerance (worst token's relative error; {_listing(positions, errors)}), so the gradients "
             "through them are wrong."
         )
         if not self.allow_inexact:

@@ -6,19 +6,15 @@ import logging
 
 import pytest
 import torch
-from adjoint_helpers import loss_and_grads, rel_error, script_module, tiny_model, unit_scale_stream
+from adjoint_helpers import loss_and_grads, ode_like, rel_error, tiny_model
 
 from sinkhorn_hf.adjoint import enable_adjoint
 
 LOGGER = "sinkhorn_hf.adjoint.auto"
-set_depth_profile = script_module("adjoint_experiments").set_depth_profile
 
 
 def _ode_like(residual_scale, layers=16):
-    model, inputs = tiny_model("vit", layers=layers, dropout=0.1)
-    unit_scale_stream(model)
-    set_depth_profile(model, "smooth", gain=0.5, seed=1)
-    return model, inputs, residual_scale
+    return *ode_like(layers), residual_scale
 
 
 def test_ode_like_stack_is_rebuilt(caplog):
