@@ -118,11 +118,11 @@ def _remove_stacks(model: nn.Module) -> None:
 
 def apply_stored_residual_scale(model: nn.Module) -> None:
     """Run ``model`` with the residual scale its config stores (as :func:`disable_adjoint` leaves it), unless it
-    has none (or 1) or stacks are attached already. Called at the end of every transformers model's
-    ``post_init`` (see :func:`install_residual_scale_at_load`), so that a saved scaled model reloads as it was."""
-    if getattr(getattr(model, "config", None), SCALE_ATTRIBUTE, None) in (None, 1, 1.0) or adjoint_stacks(model):
-        return
-    disable_adjoint(model)
+    has none (or 1). Called at the end of every transformers model's ``post_init`` (see
+    :func:`install_residual_scale_at_load`), so that a saved scaled model reloads as it was; a head model's
+    call replaces the stacks its encoder's own ``post_init`` attached (same function, named from the top)."""
+    if getattr(getattr(model, "config", None), SCALE_ATTRIBUTE, None) not in (None, 1, 1.0):
+        disable_adjoint(model)
 
 
 def install_residual_scale_at_load() -> None:
