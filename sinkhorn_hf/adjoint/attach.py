@@ -10,7 +10,7 @@ run as before, and the state dict is untouched.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from functools import partial
 from typing import Any
 
@@ -100,23 +100,21 @@ class AdjointStack:
         """Measure rebuild errors (into ``self.reconstruction``) on the next pass, with or without grad."""
         self._probe_requested = True
 
-    @contextmanager
-    def storing_every_input(self) -> Iterator[None]:
+    def storing_every_input(self) -> AbstractContextManager[None]:
         """Exact backprop of the same forward rule (every layer stores its input), e.g. as a reference."""
-        self._override_store_all = True
-        try:
-            yield
-        finally:
-            self._override_store_all = False
+        return self._switched_on("_override_store_all")
+
+    def unguarded(self) -> AbstractContextManager[None]:
+        """Passes begun in the block are not self-checked (a probe measures what the guard would refuse)."""
+        return self._switched_on("_unguarded")
 
     @contextmanager
-    def unguarded(self) -> Iterator[None]:
-        """Passes begun in the block are not self-checked (a probe measures what the guard would refuse)."""
-        self._unguarded = True
+    def _switched_on(self, flag: str) -> Iterator[None]:
+        setattr(self, flag, True)
         try:
             yield
         finally:
-            self._unguarded = False
+            setattr(self, flag, False)
 
     # -- what it is and what it chose ------------------------------------------------------------------
     def __repr__(self) -> str:
