@@ -153,6 +153,29 @@ def set_config_class_defaults(defaults: dict[str, Any]) -> None:
 
 # --- transformers: layer stacks and output collection (adjoint/) ---
 
+_POST_INIT = _declare(
+    "transformers",
+    "PreTrainedModel.post_init",
+    "wrapped so that a model whose config stores adjoint_residual_scale runs with it from construction "
+    "(from_pretrained, from_config), not only after enable_adjoint",
+)
+
+
+def patch_post_init(after: Callable[[Any], None]) -> None:
+    """Call ``after(model)`` at the end of every ``PreTrainedModel.post_init`` (the end of a transformers model's
+    ``__init__``: submodels first, then the model holding them). Idempotent."""
+    from transformers import PreTrainedModel
+
+    def wrap(original):
+        def wrapper(self, *args: Any, **kwargs: Any) -> Any:
+            result = original(self, *args, **kwargs)
+            after(self)
+            return result
+
+        return wrapper
+
+    _patch_once(PreTrainedModel, _POST_INIT.attribute.split(".")[-1], wrap)
+
 
 @contextmanager
 def outputs_not_captured() -> Iterator[None]:

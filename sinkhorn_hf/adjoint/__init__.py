@@ -1,13 +1,29 @@
 """Adjoint-memory residual stacks: backward passes that rebuild layer inputs instead of storing them.
 
-Public entry points: :func:`enable_adjoint`, :func:`disable_adjoint`, :func:`probe_adjoint`.
+Public entry points: :func:`enable_adjoint`, :func:`disable_adjoint`, :func:`probe_adjoint`,
+:func:`describe_adjoint`, :func:`auto_choices`, :func:`restore_auto_choices`. Importing the package makes
+transformers models built from a config that stores ``adjoint_residual_scale`` run with that scale.
 """
 
-from .api import DEFAULT_TOLERANCE, SCALE_ATTRIBUTE, disable_adjoint, enable_adjoint, probe_adjoint
+from .api import (
+    DEFAULT_TOLERANCE,
+    SCALE_ATTRIBUTE,
+    apply_stored_residual_scale,
+    auto_choices,
+    describe_adjoint,
+    disable_adjoint,
+    enable_adjoint,
+    install_residual_scale_at_load,
+    probe_adjoint,
+    restore_auto_choices,
+)
 from .attach import FORWARD_CHANGING_SCHEMES, SCHEMES, AdjointStack, adjoint_stacks
 from .auto import AutoChoice
+from .guard import InexactAdjointError
 from .layer_views import ADJOINT_FAMILIES, Sublayer, find_stacks
 from .probe import AdjointProbe
+
+install_residual_scale_at_load()
 
 __all__ = [
     "ADJOINT_FAMILIES",
@@ -18,10 +34,16 @@ __all__ = [
     "AdjointProbe",
     "AdjointStack",
     "AutoChoice",
+    "InexactAdjointError",
     "Sublayer",
     "adjoint_stacks",
+    "apply_stored_residual_scale",
+    "auto_choices",
+    "describe_adjoint",
     "disable_adjoint",
     "enable_adjoint",
     "find_stacks",
+    "install_residual_scale_at_load",
     "probe_adjoint",
+    "restore_auto_choices",
 ]

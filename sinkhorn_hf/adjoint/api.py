@@ -1,4 +1,5 @@
-"""The public face of the adjoint: :func:`enable_adjoint`, :func:`disable_adjoint`, :func:`probe_adjoint`."""
+"""The public face of the adjoint: :func:`enable_adjoint`, :func:`disable_adjoint`, :func:`probe_adjoint`,
+:func:`describe_adjoint`, and :func:`auto_choices` / :func:`restore_auto_choices` for resumed training."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from .. import compat
 from ..families import UnsupportedModelError
 from .attach import AUTO, OFF, SCHEMES, AdjointStack, adjoint_stacks
 from .layer_views import find_stacks
@@ -35,6 +37,7 @@ def enable_adjoint(
     probe_every: int | None = None,
     residual_scale: float | str | None = None,
     momentum: float = 0.9,
+    allow_inexact: bool = False,
 ) -> list[AdjointStack]:
     """Train ``model``'s residual layer stack(s) with memory-saving backward passes.
 
@@ -44,10 +47,15 @@ def enable_adjoint(
     forward, to be fine-tuned); ``"auto"`` (Euler forward) probes the reconstruction on the first training batch
     (and every ``probe_every`` batches), stores an exact anchor at each layer whose rebuilt input would be off
     by more than ``tolerance`` (relative), rebuilds the rest, and logs the choice; ``"off"`` runs plain backprop.
+    A scheme that rebuilds inputs checks itself (see :mod:`.guard`): at the first backward and every
+    ``probe_every`` passes, euler/heun/momentum compare each rebuilt layer input with the exact one and raise
+    :class:`~.guard.InexactAdjointError` naming the layers whose error exceeds ``tolerance`` (with
+    ``allow_inexact=True``: one warning, and training goes on with those gradients); a non-finite rebuilt input
+    raises in any backward, under every rebuilding scheme (auto included).
     ``residual_scale`` multiplies every residual branch (``"1/L"``: one over the stack depth, for ODE-like
     models); it is stored as ``config.adjoint_residual_scale`` (None: read it from there, default 1), survives
-    ``save_pretrained``, and is applied by this function only: call it again after reloading.
-    Returns the attached stacks (their ``anchors`` and ``choice`` can be inspected).
+    ``save_pretrained``, and a model built from such a config (``from_pretrained``, ``from_config``) runs with it.
+    Returns the attached stacks (their ``anchors``, ``choice`` and :meth:`~.attach.AdjointStack.describe`).
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown adjoint scheme {scheme!r}; choose one of {', '.join(SCHEMES)}.")
@@ -57,6 +65,8 @@ def enable_adjoint(
         raise ValueError(f"probe_every must be None or an integer ≥ 1, got {probe_every!r}.")
     if not 0.0 < momentum < 1.0:
         raise ValueError(f"momentum must lie in (0, 1) (0 cannot be inverted), got {momentum!r}.")
+    if not isinstance(allow_inexact, bool):
+        raise ValueError(f"allow_inexact must be True or False, got {allow_inexact!r}.")
     config = getattr(model, "config", None)
     if residual_scale is not None:
         _resolve_scale(residual_scale, 1)
@@ -80,7 +90,9 @@ def enable_adjoint(
     if residual_scale is not None:
         setattr(config, SCALE_ATTRIBUTE, residual_scale)
     return [
-        AdjointStack(s, scheme, float(tolerance), probe_every, _resolve_scale(spec, len(s.positions)), momentum)
+        AdjointStack(
+            s, scheme, float(tolerance), probe_every, _resolve_scale(spec, len(s.positions)), momentum, allow_inexact
+        )
         for s in stacks
     ]
 
@@ -102,6 +114,49 @@ def disable_adjoint(model: nn.Module) -> None:
 def _remove_stacks(model: nn.Module) -> None:
     for stack in adjoint_stacks(model):
         stack.remove()
+
+
+def apply_stored_residual_scale(model: nn.Module) -> None:
+    """Run ``model`` with the residual scale its config stores (as :func:`disable_adjoint` leaves it), unless it
+    has none (or 1). Called at the end of every transformers model's ``post_init`` (see
+    :func:`install_residual_scale_at_load`), so that a saved scaled model reloads as it was; a head model's
+    call replaces the stacks its encoder's own ``post_init`` attached (same function, named from the top)."""
+    if getattr(getattr(model, "config", None), SCALE_ATTRIBUTE, None) not in (None, 1, 1.0):
+        disable_adjoint(model)
+
+
+def install_residual_scale_at_load() -> None:
+    """Make every transformers model apply a stored ``adjoint_residual_scale`` when built. Idempotent."""
+    compat.patch_post_init(apply_stored_residual_scale)
+
+
+def describe_adjoint(model: nn.Module) -> str:
+    """One line on the adjoint of ``model``: per stack, its scheme and what it measured or chose (auto's anchors,
+    errors and memory; a rebuilding scheme's last self-check), e.g. for a trainer to print once after its first
+    step; ``"adjoint off"`` without stacks."""
+    return " | ".join(stack.describe() for stack in adjoint_stacks(model)) or "adjoint off"
+
+
+def auto_choices(model: nn.Module) -> dict[str, Any]:
+    """What the auto policy chose on each stack of ``model``, JSON-serialisable, to store in a checkpoint:
+    ``{stack name: {"passes": n, "choice": {...}}}``. Stacks that have not chosen yet are left out."""
+    states = {stack.stack.name: stack.auto_state() for stack in adjoint_stacks(model)}
+    return {name: state for name, state in states.items() if state is not None}
+
+
+def restore_auto_choices(model: nn.Module, state: Mapping[str, Any]) -> None:
+    """Give ``model``'s auto stacks the anchors :func:`auto_choices` returned, so that a resumed run does not
+    probe again and keeps the uninterrupted run's choice (``probe_every`` goes on counting from it)."""
+    stacks = {stack.stack.name: stack for stack in adjoint_stacks(model)}
+    if not isinstance(state, Mapping):
+        raise ValueError(f"restore_auto_choices expects the dict auto_choices returned, got {state!r}.")
+    for name, entry in state.items():
+        if name not in stacks:
+            raise ValueError(
+                f"restore_auto_choices: the model has no adjoint stack {name!r} (it has {sorted(stacks) or 'none'}); "
+                "call enable_adjoint(model, 'auto') first, on the model the choice was saved from."
+            )
+        stacks[name].restore_auto_state(entry)
 
 
 def probe_adjoint(

@@ -9,7 +9,8 @@ run as before, and the state dict is untouched.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from functools import partial
 from typing import Any
 
@@ -20,6 +21,7 @@ from ..compat import outputs_not_captured
 from ..families import UnsupportedModelError
 from .auto import AutoChoice, choose_anchors, probe_due
 from .function import AdjointLayer, LayerCall, Tape
+from .guard import PassCheck, RebuildGuard
 from .layer_views import Stack, Sublayer
 from .probe import Reconstruction, measure_reconstruction
 from .record import LayerRecord
@@ -32,10 +34,12 @@ _ENCODER_DECODER_ARGS = ("encoder_hidden_states", "encoder_attention_mask", "cac
 
 
 class _Pass:
-    """One forward pass through a stack: its tape, the next position, what the last layer carried over."""
+    """One forward pass through a stack: its tape, the next position, what the last layer carried over, and the
+    self-check its backward runs (made at the pass's first reversible layer call)."""
 
     def __init__(self) -> None:
         self.tape, self.position, self.carried = Tape(), 0, ()
+        self.check: PassCheck | None = None
 
 
 class AdjointStack:
@@ -43,18 +47,33 @@ class AdjointStack:
 
     ``rule`` runs and reverses each layer; ``anchors`` are the positions whose exact input is stored; under
     ``auto`` they are re-chosen at each probe (``choice``); under ``off`` the layers run the rule with plain
-    autograd (a residual scale other than 1 is still applied).
+    autograd (a residual scale other than 1 is still applied). A scheme that rebuilds inputs checks itself
+    (``guard``, see :mod:`.guard`; None under ``checkpoint`` and ``off``).
     """
 
     def __init__(
-        self, stack: Stack, scheme: str, tolerance: float, probe_every: int | None, scale: float, momentum: float
+        self,
+        stack: Stack,
+        scheme: str,
+        tolerance: float,
+        probe_every: int | None,
+        scale: float,
+        momentum: float,
+        allow_inexact: bool = False,
     ):
         self.stack, self.scheme, self.tolerance, self.probe_every = stack, scheme, tolerance, probe_every
-        self.settings = dict(scheme=scheme, tolerance=tolerance, probe_every=probe_every, momentum=momentum)
+        self.settings = dict(
+            scheme=scheme, tolerance=tolerance, probe_every=probe_every, momentum=momentum, allow_inexact=allow_inexact
+        )
         self.rule = RULES.get(scheme, RULES[BASE_RULE])(scale, momentum)
         self.n_layers = len(stack.positions)
         self.anchors: set[int] = set(range(self.n_layers)) if self.rule.stores_every_input else set()
         self.choice: AutoChoice | None = None
+        rebuilds = scheme != OFF and not self.rule.stores_every_input
+        # auto's probe already bounds the rebuild errors: its backward checks finiteness only.
+        label = f"{scheme!r} on {stack.name}"
+        self.guard = RebuildGuard(label, tolerance, allow_inexact, references=scheme != AUTO) if rebuilds else None
+        self._unguarded = False
         self.reconstruction: Reconstruction | None = None  # filled when a probe is requested
         self.passes = 0  # forward passes that built a graph
         self._pass: _Pass | None = None
@@ -81,14 +100,66 @@ class AdjointStack:
         """Measure rebuild errors (into ``self.reconstruction``) on the next pass, with or without grad."""
         self._probe_requested = True
 
-    @contextmanager
-    def storing_every_input(self):
+    def storing_every_input(self) -> AbstractContextManager[None]:
         """Exact backprop of the same forward rule (every layer stores its input), e.g. as a reference."""
-        self._override_store_all = True
+        return self._switched_on("_override_store_all")
+
+    def unguarded(self) -> AbstractContextManager[None]:
+        """Passes begun in the block are not self-checked (a probe measures what the guard would refuse)."""
+        return self._switched_on("_unguarded")
+
+    @contextmanager
+    def _switched_on(self, flag: str) -> Iterator[None]:
+        setattr(self, flag, True)
         try:
             yield
         finally:
-            self._override_store_all = False
+            setattr(self, flag, False)
+
+    # -- what it is and what it chose ------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return (
+            f"AdjointStack({self.stack.name!r}, scheme={self.scheme!r}, layers={self.n_layers}, "
+            f"anchors={sorted(self.anchors)}, tolerance={self.tolerance:g}, residual_scale={self.rule.scale:g})"
+        )
+
+    def describe(self) -> str:
+        """One line: the scheme on this stack and what it measured (auto's choice, or the last self-check)."""
+        if self.choice is not None:
+            return self.choice.describe(self.stack.name, self.n_layers)
+        scale = "" if self.rule.scale == 1.0 else f", residual scale {self.rule.scale:.3g}"
+        head = f"adjoint {self.scheme} on {self.stack.name} ({self.n_layers} layers{scale})"
+        if self.scheme == AUTO:
+            return f"{head}: not probed yet (it probes on the first batch that builds a graph)."
+        if self.guard is None:
+            return f"{head}: " + ("plain backprop." if self.scheme == OFF else "stores every layer input (exact).")
+        if self.guard.errors is None:
+            return f"{head}: rebuilds every layer input; not checked yet (checked at the first backward)."
+        errors = ", ".join(f"{e:.2g}" for _, e in sorted(self.guard.errors.items()))
+        return (
+            f"{head}: rebuilds every layer input; rebuild errors [{errors}] at pass {self.guard.checked_pass} "
+            f"(tolerance {self.tolerance:g})."
+        )
+
+    def auto_state(self) -> dict[str, Any] | None:
+        """What auto chose, JSON-serialisable: ``{"passes": n, "choice": AutoChoice.to_dict()}`` (None before)."""
+        return None if self.choice is None else {"passes": self.passes, "choice": self.choice.to_dict()}
+
+    def restore_auto_state(self, state: Mapping[str, Any]) -> None:
+        """Take the anchors of :meth:`auto_state`'s ``state`` without probing; later probes keep ``probe_every``'s
+        schedule (the pass count is restored too)."""
+        where = f"restoring the auto choice of {self.stack.name}"
+        if self.scheme != AUTO:
+            raise ValueError(f"{where}: the stack is under scheme {self.scheme!r}, not 'auto'.")
+        passes = state.get("passes") if isinstance(state, Mapping) else None
+        if not isinstance(passes, int) or isinstance(passes, bool) or passes < 1 or set(state) != {"passes", "choice"}:
+            raise ValueError(f"{where}: expected {{'passes': int ≥ 1, 'choice': {{...}}}}, got {state!r}.")
+        choice = AutoChoice.from_dict(state["choice"], self.n_layers, where)
+        if choice.tolerance != self.tolerance:
+            raise ValueError(
+                f"{where}: it was chosen at tolerance {choice.tolerance:g}, the stack now has {self.tolerance:g}."
+            )
+        self.choice, self.anchors, self.passes = choice, set(choice.anchors), passes
 
     def _begin_pass(self, module: nn.Module, args: Any) -> None:
         self._pass = _Pass()
@@ -116,7 +187,9 @@ class AdjointStack:
             out = self.rule.run(sublayers, state, LayerRecord.new(hidden_states, training=False, norm_stats=False))
         else:
             store = self._override_store_all or position in self.anchors
-            call = LayerCall(self.rule, sublayers, run.tape, position, store_input=store, training=layer.training)
+            call = LayerCall(
+                self.rule, sublayers, run.tape, position, store, training=layer.training, check=self._pass_check(run)
+            )
             out = AdjointLayer.apply(call, len(state), *state, *trainable)
         if run is not None:
             run.carried = out[1:]
@@ -138,7 +211,7 @@ class AdjointStack:
         if not builds_graph or self._override_store_all:
             return
         self.passes += 1
-        if self.scheme == AUTO and probe_due(self.choice, self.passes, self.probe_every):
+        if self.scheme == AUTO and probe_due(self.choice is not None, self.passes, self.probe_every):
             self.choice = choose_anchors(
                 self.stack.name,
                 self.rule,
@@ -150,6 +223,17 @@ class AdjointStack:
                 self.passes,
             )
             self.anchors = set(self.choice.anchors)
+
+    def _pass_check(self, run: _Pass) -> PassCheck | None:
+        """The self-check of ``run`` (None when nothing is rebuilt, or checks are off); on a checked pass (the
+        first that builds a graph until one backward has been checked, then every ``probe_every``) the layers keep
+        their exact inputs as references."""
+        if self.guard is None or self._override_store_all or self._unguarded:
+            return None
+        if run.check is None:
+            referenced = probe_due(self.guard.checked_pass is not None, self.passes, self.probe_every)
+            run.check = self.guard.new_pass(self.passes, referenced)
+        return run.check
 
 
 def _check_layer_call(layer: nn.Module, attention_mask: Any, extra: tuple, kwargs: dict) -> None:

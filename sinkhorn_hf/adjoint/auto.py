@@ -8,8 +8,12 @@ there. The choice, with the activation memory it keeps, is logged and kept as an
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -21,7 +25,7 @@ logger = logging.getLogger(__name__)
 _MIB = 2**20
 
 
-@dataclass
+@dataclass(repr=False)
 class AutoChoice:
     """What the auto policy chose at one probe, with the activation memory it keeps for backward (bytes)."""
 
@@ -50,10 +54,39 @@ class AutoChoice:
             f"{self.plain_bytes / _MIB:.1f} MiB)."
         )
 
+    def __repr__(self) -> str:
+        errors = ", ".join(f"{e:.2g}" for e in self.errors)
+        return (
+            f"AutoChoice(pass {self.pass_index}: anchors={self.anchors}, errors=[{errors}], tolerance="
+            f"{self.tolerance:g}, kept {self.adjoint_bytes / _MIB:.1f} MiB, checkpoint "
+            f"{self.checkpoint_bytes / _MIB:.1f} MiB, plain {self.plain_bytes / _MIB:.1f} MiB)"
+        )
 
-def probe_due(choice: AutoChoice | None, passes: int, probe_every: int | None) -> bool:
-    """Whether graph-building pass number ``passes`` (from 1) probes: the first, then every ``probe_every``."""
-    return choice is None or (probe_every is not None and (passes - 1) % probe_every == 0)
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON-serialisable values (a non-finite error becomes None)."""
+        return {**dataclasses.asdict(self), "errors": [e if math.isfinite(e) else None for e in self.errors]}
+
+    @classmethod
+    def from_dict(cls, state: Any, n_layers: int, where: str) -> AutoChoice:
+        """The inverse of :meth:`to_dict` (None errors read as inf), checked against a stack of ``n_layers``."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(state, Mapping) or sorted(state) != sorted(names):
+            raise ValueError(f"{where}: a choice has the fields {names}, got {state!r}.")
+        anchors, errors = state["anchors"], state["errors"]
+        valid = isinstance(anchors, list) and all(isinstance(a, int) and 0 <= a < n_layers for a in anchors)
+        if not valid or not isinstance(errors, list) or len(errors) != n_layers:
+            raise ValueError(
+                f"{where}: the choice does not fit a stack of {n_layers} layers (anchors {anchors!r}, "
+                f"{len(errors) if isinstance(errors, list) else errors!r} errors)."
+            )
+        errors = [math.inf if e is None else float(e) for e in errors]
+        return cls(**{**state, "errors": errors, "anchors": sorted(anchors)})
+
+
+def probe_due(probed_before: bool, passes: int, probe_every: int | None) -> bool:
+    """Whether graph-building pass number ``passes`` (from 1) probes: the first (until one probe is done), then
+    every ``probe_every``."""
+    return not probed_before or (probe_every is not None and (passes - 1) % probe_every == 0)
 
 
 def choose_anchors(

@@ -6,7 +6,9 @@ anchor also keeps its input. The stack's latest output is kept on a per-pass :cl
 down: layer n takes its output from the tape (the stack output for the top layer, else the input rebuilt by
 layer n+1), rebuilds its own input by the reverse rule (or takes its stored input), puts that on the tape for
 layer n−1, recomputes its forward with a graph at that point (replaying the forward's RNG states and autocast)
-and returns the vector-Jacobian products for its input and its trainable parameters. Parameters are inputs of
+and returns the vector-Jacobian products for its input and its trainable parameters. Each rebuilt input goes
+through the pass's :class:`~.guard.PassCheck` (finiteness, and the error against a stored reference input on
+checked passes), which judges them all at the stack's bottom layer. Parameters are inputs of
 the Function, so gradients reach them through autograd's usual accumulation: frozen parameters get none, shared
 (tied) parameters get the sum over layers, and DDP's hooks fire as in plain backprop.
 """
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .guard import PassCheck
 from .layer_views import Sublayer
 from .rules import Rule, State
 
@@ -64,6 +67,12 @@ class LayerCall:
     position: int
     store_input: bool  # an anchor (or the checkpoint rule): keep the exact input instead of rebuilding it
     training: bool
+    check: PassCheck | None = None  # the self-check of a rebuilding scheme (None: nothing checked)
+
+    @property
+    def keeps_reference(self) -> bool:
+        """Whether the forward keeps the exact input to compare with the rebuilt one (a checked pass)."""
+        return self.check is not None and self.check.referenced and not self.store_input
 
 
 class AdjointLayer(torch.autograd.Function):
@@ -78,8 +87,10 @@ class AdjointLayer(torch.autograd.Function):
         ctx.call, ctx.record, ctx.n_state, ctx.params = call, record, n_state, tensors[n_state:]
         device_type = state[0].device.type
         ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-        if call.store_input:
+        if call.store_input or call.keeps_reference:
             ctx.save_for_backward(*state)
+        if call.check is not None:
+            call.check.enter(call.position)
         call.tape.put_output(call.position, out)
         return out
 
@@ -95,6 +106,10 @@ class AdjointLayer(torch.autograd.Function):
             else:
                 with torch.no_grad():
                     state = call.rule.reverse(call.sublayers, call.tape.output_of(call.position), record)
+                if call.check is not None:
+                    call.check.record(call.position, state, ctx.saved_tensors[0] if call.keeps_reference else None)
+            if call.check is not None:
+                call.check.finish(call.position)
             call.tape.put_input(call.position, state)
             with torch.enable_grad():
                 state = tuple(s.detach().requires_grad_(n) for s, n in zip(state, needs[:n_state], strict=True))

@@ -9,6 +9,7 @@ restarting the chain from that exact value (what the ``auto`` policy keeps).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -28,15 +29,20 @@ if TYPE_CHECKING:
 Tensor = torch.Tensor
 
 
+def relative_error_tensor(estimate: Tensor, exact: Tensor) -> Tensor:
+    """:func:`relative_error` as a 0-dim float64 tensor on the inputs' device (no host sync); NaN if any is."""
+    exact64 = exact.detach().double()
+    error = (estimate.detach().double() - exact64).norm(dim=-1)
+    return (error / exact64.norm(dim=-1).clamp_min(1e-300)).max()
+
+
 def relative_error(estimate: Tensor, exact: Tensor) -> float:
     """The worst token's relative error, max_t ‖x̂_t − x_t‖ / ‖x_t‖ over all (batch, position) vectors.
 
     Per token, not over the whole tensor: a pre-LN block amplifies errors by 1/‖x_t‖, so one small token
     (a CLS token initialised near zero) can carry a wrong gradient that a global ratio would hide.
     """
-    exact64 = exact.detach().double()
-    error = (estimate.detach().double() - exact64).norm(dim=-1)
-    return float((error / exact64.norm(dim=-1).clamp_min(1e-300)).max())
+    return float(relative_error_tensor(estimate, exact))
 
 
 @dataclass
@@ -74,7 +80,7 @@ def measure_reconstruction(
         for n in reversed(range(n_layers)):
             rebuilt = rebuild(n, current)
             anchored[n] = relative_error(rebuilt[0], states[n][0])
-            if anchored[n] > tolerance:
+            if not anchored[n] <= tolerance:  # NaN (a non-finite rebuild) is over any tolerance
                 anchors.append(n)
                 current = states[n]
             else:
@@ -116,13 +122,17 @@ class AdjointProbe:
     ``stacks`` maps each stack (e.g. ``"bert.encoder.layer"``) to its reconstruction errors (see
     :class:`Reconstruction`). ``grad_cosine`` and ``grad_rel_error`` compare the gradients of all trainable
     parameters under the model's scheme (with the anchors auto chose, if auto) with exact backprop of the same
-    forward and the same dropout masks: cos = ⟨g, g*⟩/(‖g‖‖g*‖), rel = ‖g − g*‖/‖g*‖.
+    forward and the same dropout masks: cos = ⟨g, g*⟩/(‖g‖‖g*‖), rel = ‖g − g*‖/‖g*‖, over the entries where both
+    are finite (None when there are none, or the value overflows: never NaN). ``finite`` says whether every
+    adjoint gradient entry is finite; ``nonfinite_fraction`` is the fraction that is inf/NaN.
     """
 
     scheme: str
     stacks: dict[str, Reconstruction]
-    grad_cosine: float
-    grad_rel_error: float
+    grad_cosine: float | None
+    grad_rel_error: float | None
+    finite: bool
+    nonfinite_fraction: float
 
     @property
     def step_errors(self) -> list[float]:
@@ -173,9 +183,22 @@ def compare_with_backprop(
                 exact_mode.enter_context(stack.storing_every_input())
             exact = _grads(model, batch, params)
         start.restore()
-        adjoint = _grads(model, batch, params)
+        with ExitStack() as measuring:  # the probe reports what the guard would refuse
+            for stack in stacks:
+                measuring.enter_context(stack.unguarded())
+            adjoint = _grads(model, batch, params)
     g = torch.cat([t.detach().double().flatten() for t in adjoint])
     g_exact = torch.cat([t.detach().double().flatten() for t in exact])
+    finite = torch.isfinite(g)
+    usable = finite & torch.isfinite(g_exact)
+    cosine, rel = _agreement(g[usable], g_exact[usable]) if bool(usable.any()) else (None, None)
+    nonfinite = 1.0 - float(finite.double().mean())
+    reconstructions = {s.stack.name: s.reconstruction for s in stacks}
+    return AdjointProbe(scheme, reconstructions, cosine, rel, finite=nonfinite == 0.0, nonfinite_fraction=nonfinite)
+
+
+def _agreement(g: Tensor, g_exact: Tensor) -> tuple[float | None, float | None]:
+    """(cos(g, g*), ‖g − g*‖/‖g*‖) of two finite gradient vectors; None for a value that overflows."""
     cosine = float(g @ g_exact / (g.norm() * g_exact.norm()).clamp_min(1e-300))
     rel = float((g - g_exact).norm() / g_exact.norm().clamp_min(1e-300))
-    return AdjointProbe(scheme, {s.stack.name: s.reconstruction for s in stacks}, cosine, rel)
+    return tuple(v if math.isfinite(v) else None for v in (cosine, rel))

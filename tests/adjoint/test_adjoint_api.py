@@ -22,6 +22,7 @@ from sinkhorn_hf.adjoint import FORWARD_CHANGING_SCHEMES, SCHEMES, adjoint_stack
         ({"momentum": 0.0}, r"momentum must lie in \(0, 1\)"),
         ({"residual_scale": -1.0}, "residual_scale must be a positive number or '1/L'"),
         ({"residual_scale": "1/N"}, "residual_scale must be a positive number or '1/L'"),
+        ({"allow_inexact": "yes"}, "allow_inexact must be True or False"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -86,6 +87,31 @@ def test_residual_scale_multiplies_every_branch(tmp_path):
     torch.testing.assert_close(reloaded(**inputs).last_hidden_state, expected)
 
 
+def test_stored_residual_scale_is_applied_at_load(tmp_path):
+    model, inputs = tiny_model("bert", layers=4, dropout=0.0)
+    model.eval()
+    with torch.no_grad():
+        unscaled = model(**inputs).last_hidden_state
+    enable_adjoint(model, "euler", residual_scale="1/L")
+    model.save_pretrained(tmp_path)
+    reference, _ = tiny_model("bert", layers=4, dropout=0.0)
+    _scale_output_projections(reference, 0.25)
+    expected = reference.eval()(**inputs).last_hidden_state
+    reloaded = transformers.BertModel.from_pretrained(tmp_path).eval()  # no enable_adjoint
+    (stack,) = adjoint_stacks(reloaded)
+    assert stack.scheme == "off" and "residual scale 0.25" in stack.describe()
+    torch.testing.assert_close(reloaded(**inputs).last_hidden_state, expected)
+    assert not torch.allclose(expected, unscaled, atol=1e-3)
+    enable_adjoint(reloaded, "checkpoint")  # re-enabling gives the same function
+    torch.testing.assert_close(reloaded(**inputs).last_hidden_state, expected)
+    # A head model holds the encoder as a submodel (two post_init calls): one stack, applied once.
+    head = transformers.BertForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert [s.stack.name for s in adjoint_stacks(head)] == ["bert.encoder.layer"]
+    torch.testing.assert_close(head.bert(**inputs).last_hidden_state, expected)
+    from_config = transformers.BertModel._from_config(reloaded.config)
+    assert len(adjoint_stacks(from_config)) == 1
+
+
 def test_heun_changes_the_forward_as_documented():
     # Heun: z = x + ½[f(x) + f(x + f(x))] per residual branch f, computed here directly on a pre-LN ViT layer.
     model, inputs = tiny_model("vit", layers=1, dropout=0.0)
@@ -132,7 +158,7 @@ def test_probe_leaves_grads_and_rng_alone():
     assert all(p.grad is None for p in model.parameters())
     assert adjoint_stacks(model) == []  # probed under euler temporarily
     assert report.scheme == "euler" and len(report.step_errors) == 3
-    assert report.grad_cosine > 0.999
+    assert report.grad_cosine > 0.999 and report.finite and report.nonfinite_fraction == 0.0
     stored = probe_adjoint(model, inputs, scheme="checkpoint")
     assert stored.grad_rel_error < 1e-6
 
@@ -150,6 +176,7 @@ def test_probe_refuses_frozen_models_and_off():
 def test_public_api_is_exported():
     import sinkhorn_hf.adjoint as adjoint
 
+    assert "InexactAdjointError" in adjoint.__all__ and "restore_auto_choices" in adjoint.__all__
     for name in ("enable_adjoint", "disable_adjoint", "probe_adjoint"):
         assert name in sinkhorn_hf.__all__ and getattr(sinkhorn_hf, name) is getattr(adjoint, name)
     assert all(hasattr(adjoint, name) for name in adjoint.__all__)

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
-from adjoint_helpers import loss_and_grads, rel_error, script_module, tiny_model, unit_scale_stream
+from adjoint_helpers import loss_and_grads, ode_like, rel_error, tiny_model
 
 from sinkhorn_hf.adjoint import enable_adjoint
 
 LOGGER = "sinkhorn_hf.adjoint.auto"
-set_depth_profile = script_module("adjoint_experiments").set_depth_profile
 
 
 def _ode_like(residual_scale, layers=16):
-    model, inputs = tiny_model("vit", layers=layers, dropout=0.1)
-    unit_scale_stream(model)
-    set_depth_profile(model, "smooth", gain=0.5, seed=1)
-    return model, inputs, residual_scale
+    return *ode_like(layers), residual_scale
 
 
 def test_ode_like_stack_is_rebuilt(caplog):
@@ -51,9 +48,10 @@ def test_tiny_cls_token_at_init_is_detected():
     # DeiT's init leaves the CLS/distillation tokens ~0.02: LayerNorm amplifies their rebuild error ~50x.
     model, inputs = tiny_model("deit", dropout=0.0)
     _, exact = loss_and_grads(model, inputs)
-    enable_adjoint(model, "euler")
-    _, blind = loss_and_grads(model, inputs)
-    assert rel_error(blind, exact) > 0.5  # the reverse step alone gives wrong gradients
+    enable_adjoint(model, "euler", allow_inexact=True)
+    with pytest.warns(RuntimeWarning, match=r"rebuilt inputs of layers \[0, 1, 2\] are off"):
+        _, blind = loss_and_grads(model, inputs)
+    assert rel_error(blind, exact) > 0.5  # the reverse step alone gives wrong gradients (the guard says so)
     (stack,) = enable_adjoint(model, "auto")
     _, grads = loss_and_grads(model, inputs)
     assert stack.anchors
