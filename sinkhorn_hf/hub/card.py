@@ -17,7 +17,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .. import __version__
-from ..adjoint import SCALE_ATTRIBUTE
+from ..adjoint import FORWARD_CHANGING_SCHEMES, SCALE_ATTRIBUTE
 from ..attention.settings import SinkhornSettings
 from ..training.results import RESULTS_FILE, ResultsError, RunResults
 from ..training.tasks.glue import GLUE_TASKS
@@ -49,8 +49,6 @@ _METRIC_NAMES = {
     "pearson": "Pearson correlation",
     "spearmanr": "Spearman correlation",
 }
-# Adjoint schemes whose forward pass differs from the plain model (so loading needs them switched on).
-_FORWARD_CHANGING_SCHEMES = ("heun", "momentum")
 
 
 class CardError(ValueError):
@@ -148,8 +146,8 @@ def build_card(
 
 def _adjoint_context(results: RunResults | None, config: Any) -> dict[str, Any]:
     """How the card shows the adjoint, and what the loading snippet must switch on to get the trained function
-    (``enable_adjoint`` applies forward-changing schemes and a stored residual scale; transformers knows
-    neither)."""
+    (``enable_adjoint`` applies forward-changing schemes, which transformers does not know; a stored residual
+    scale is applied at load once ``sinkhorn_hf`` is imported)."""
     adjoint = results.adjoint if results else None
     scheme = adjoint.get("scheme") if isinstance(adjoint, dict) else adjoint
     residual_scale = getattr(config, SCALE_ATTRIBUTE, None)
@@ -158,7 +156,7 @@ def _adjoint_context(results: RunResults | None, config: Any) -> dict[str, Any]:
     return {
         "adjoint": _describe(adjoint) if adjoint not in (None, False, "off") else None,
         "residual_scale": residual_scale,
-        "load_scheme": scheme if scheme in _FORWARD_CHANGING_SCHEMES else "off" if residual_scale else None,
+        "load_scheme": scheme if scheme in FORWARD_CHANGING_SCHEMES else None,
     }
 
 

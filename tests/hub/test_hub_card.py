@@ -95,12 +95,11 @@ def test_loading_snippet_runs_and_gets_sinkhorn(run_dir):
     assert text.splitlines()[text.splitlines().index("---", 1) + 2] == "# tiny-sinkhorn"
 
 
-def test_snippet_reapplies_a_stored_residual_scale(run_dir):
-    """A residual scale lives in config.json but only enable_adjoint applies it: the snippet must call it."""
+def test_snippet_loads_a_stored_residual_scale(run_dir):
+    """A residual scale lives in config.json and is applied at load (after ``import sinkhorn_hf``): the snippet's
+    model computes the scaled function, not the unscaled one."""
     import torch
     from transformers import AutoModelForSequenceClassification
-
-    import sinkhorn_hf
 
     config = json.loads((run_dir / "config.json").read_text())
     (run_dir / "config.json").write_text(json.dumps({**config, "adjoint_residual_scale": 0.5}))
@@ -108,18 +107,23 @@ def test_snippet_reapplies_a_stored_residual_scale(run_dir):
     text = write_card(run_dir).read_text()
     assert "| `adjoint_residual_scale` | 0.5" in text
     code = python_snippet(text)
-    assert 'sinkhorn_hf.enable_adjoint(model, scheme="off")' in code
+    assert "enable_adjoint" not in code and "residual scale (0.5)" in code
     namespace: dict = {}
     run_snippet(code.replace(REPO_ID_PLACEHOLDER, str(run_dir)), namespace)
 
     inputs = text_batch(run_dir)
-    reference = AutoModelForSequenceClassification.from_pretrained(run_dir).eval()
+    unscaled = AutoModelForSequenceClassification.from_pretrained(run_dir, adjoint_residual_scale=None).eval()
+    scaled = AutoModelForSequenceClassification.from_pretrained(run_dir).eval()
+    scaled_by_hand = AutoModelForSequenceClassification.from_pretrained(run_dir, adjoint_residual_scale=None).eval()
     with torch.no_grad():
-        plain = reference(**inputs).logits
-        sinkhorn_hf.enable_adjoint(reference, scheme="off")
-        scaled = reference(**inputs).logits
-        assert torch.equal(namespace["model"].eval()(**inputs).logits, scaled)
-    assert (scaled - plain).abs().max() > 1e-3
+        plain = unscaled(**inputs).logits
+        import sinkhorn_hf
+
+        sinkhorn_hf.enable_adjoint(scaled_by_hand, scheme="off", residual_scale=0.5)
+        expected = scaled_by_hand(**inputs).logits
+        assert torch.equal(namespace["model"].eval()(**inputs).logits, expected)
+        assert torch.equal(scaled(**inputs).logits, expected)
+    assert (expected - plain).abs().max() > 1e-3
 
 
 def test_converted_model_card_without_results(tiny_bert, tmp_path):
