@@ -72,18 +72,20 @@ def convert(
     config.json gets ``"attn_implementation": "sinkhorn"``, ``sinkhorn_iterations`` and ``sinkhorn_tolerance``;
     weights, tokenizer and processor files are copied unchanged; ``sinkhorn_conversion.json`` records the source
     (and ``command``, the command line that asked for it). ``overwrite=True`` replaces a non-empty
-    ``output_dir``'s contents. Raises :class:`ConversionError` or
+    ``output_dir`` that an earlier conversion wrote (see :func:`_check_output` for what is always refused).
+    Raises :class:`ConversionError` or
     :class:`~sinkhorn_hf.UnsupportedModelError`.
     """
     try:
         SinkhornSettings(iterations=iterations, tolerance=tolerance)
     except ValueError as error:
         raise ConversionError(str(error)) from None
-    output_dir = Path(output_dir)
-    _check_output(output_dir, overwrite)
+    target = _check_output(Path(output_dir))
+    if Path(source).expanduser().exists():  # a local source is checked before anything else is read
+        _check_not_source(target, Path(source).expanduser(), output_dir)
+    _check_replaceable(target, output_dir, overwrite)
     source_dir, revision = _resolve_source(str(source))
-    if output_dir.resolve() == source_dir.resolve() or source_dir.resolve().is_relative_to(output_dir.resolve()):
-        raise ConversionError(f"output directory {output_dir} would overwrite the source {source}")
+    _check_not_source(target, source_dir, output_dir)
 
     config_dict, config, kind = _read_config(source_dir, str(source))
     # Settings the source already has (re-converting a Sinkhorn checkpoint) are kept unless asked for here.
@@ -108,22 +110,20 @@ def convert(
         "copied": copied,
     }
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
     # Build next to the target and swap in at the end: a failed conversion leaves OUT as it was.
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; OUT should get the usual permissions
         (staging / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2) + "\n")
         _copy_files(source_dir, staging, [*weights, *preprocessors])
         (staging / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         _verify(staging, settings, kind.auto_class)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.rename(output_dir)
+        _swap_into_place(staging, target)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-    return ConversionReport(output_dir, str(source), revision, settings, copied + [CONVERSION_RECORD], not_copied)
+    return ConversionReport(Path(output_dir), str(source), revision, settings, copied + [CONVERSION_RECORD], not_copied)
 
 
 def _umask() -> int:
@@ -132,14 +132,69 @@ def _umask() -> int:
     return mask
 
 
-def _check_output(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
+def _check_output(output_dir: Path) -> Path:
+    """The resolved ``output_dir``; refused: a link, a file, the current directory, the home directory or a
+    folder above either (convert replaces its output folder as a whole)."""
+    if output_dir.is_symlink():
+        raise ConversionError(f"output {output_dir} is a symbolic link; give the folder it points to")
+    out = output_dir.resolve()
+    protected_dirs = {"the current directory": Path.cwd().resolve(), "the home directory": Path.home().resolve()}
+    for what, protected in protected_dirs.items():
+        if protected.is_relative_to(out):
+            raise ConversionError(
+                f"output directory {output_dir} is {what} ({protected}) or a folder above it; convert replaces "
+                "its output folder as a whole, so give a new or empty subdirectory, e.g. OUT=./converted"
+            )
+    if out.exists() and not out.is_dir():
         raise ConversionError(f"output {output_dir} exists and is not a directory")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+    return out
+
+
+def _check_replaceable(out: Path, output_dir: Path, overwrite: bool) -> None:
+    """A non-empty output is replaced only with ``overwrite`` and only when it is an earlier conversion output
+    (it has the record), so nothing convert did not write is deleted."""
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ConversionError(
+                f"output directory {output_dir} exists and is not empty; pass --overwrite (overwrite=True) to "
+                "replace an earlier conversion there, or choose another directory"
+            )
+        if not (out / CONVERSION_RECORD).is_file():
+            raise ConversionError(
+                f"output directory {output_dir} is not empty and is not an earlier conversion output (it has no "
+                f"{CONVERSION_RECORD}): --overwrite only replaces an empty folder or one that `sinkhorn-hf convert` "
+                "wrote; move its files away or choose another directory"
+            )
+
+
+def _check_not_source(target: Path, source_dir: Path, output_dir: Path) -> None:
+    """Refuse an output that is the source, a folder above it, or one inside it: the last would change the
+    source checkpoint's own folder (its listing, its push, a Hub cache's snapshot)."""
+    source = source_dir.resolve()
+    if source.is_relative_to(target):
+        raise ConversionError(f"output directory {output_dir} would overwrite the source {source_dir}")
+    if target.is_relative_to(source):
         raise ConversionError(
-            f"output directory {output_dir} exists and is not empty; pass --overwrite (overwrite=True) to replace "
-            "its contents, or choose another directory"
+            f"output directory {output_dir} is inside the source {source_dir}: the conversion would change the "
+            "source checkpoint's folder; choose a directory outside it"
         )
+
+
+def _swap_into_place(staging: Path, output_dir: Path) -> None:
+    """Rename ``staging`` to ``output_dir``; an existing ``output_dir`` is set aside first and restored if the
+    rename fails, so at every moment one complete folder is there."""
+    if not output_dir.exists():
+        staging.rename(output_dir)
+        return
+    previous = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.previous.", dir=output_dir.parent))
+    previous.rmdir()  # only its unique name is needed: renaming onto an existing folder is not portable
+    output_dir.rename(previous)
+    try:
+        staging.rename(output_dir)
+    except BaseException:
+        previous.rename(output_dir)
+        raise
+    shutil.rmtree(previous)
 
 
 def _resolve_source(source: str) -> tuple[Path, str | None]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import filecmp
 import json
+import shutil
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from safetensors.torch import load_file
 from sinkhorn_hf import SinkhornSettings, UnsupportedModelError
 from sinkhorn_hf.cli import main
 from sinkhorn_hf.hub import ConversionError, convert
+from sinkhorn_hf.hub.convert import CONVERSION_RECORD
 
 
 def test_k1_conversion_computes_what_the_original_computes(tiny_bert, tmp_path):
@@ -116,26 +119,90 @@ def test_vision_model_keeps_its_image_processor(tmp_path):
 
 def test_existing_output_needs_overwrite_and_is_then_replaced(tiny_bert, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
+    convert(tiny_bert, out, iterations=1)
     (out / "stale.bin").write_text("from an earlier run")
     with pytest.raises(ConversionError, match="not empty.*--overwrite"):
         convert(tiny_bert, out, iterations=1)
     assert (out / "stale.bin").read_text() == "from an earlier run"  # untouched
     convert(tiny_bert, out, iterations=3, overwrite=True)
     assert not (out / "stale.bin").exists() and (out / "model.safetensors").is_file()
+    assert json.loads((out / "config.json").read_text())["sinkhorn_iterations"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or set-aside folder left
     # An empty existing directory is fine without --overwrite.
     (tmp_path / "empty").mkdir()
     convert(tiny_bert, tmp_path / "empty", iterations=1)
 
 
-def test_refuses_to_overwrite_its_own_source(tmp_path):
+def folder_bytes(folder) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_conversion(tiny_bert, tmp_path):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    with pytest.raises(ConversionError, match="not an earlier conversion output .*sinkhorn_conversion.json"):
+        convert(tiny_bert, out, iterations=1, overwrite=True)
+    assert folder_bytes(out) == {"thesis.tex": b"years of work"}
+
+
+def test_overwrite_in_the_current_directory_deletes_nothing(tiny_bert, tmp_path, monkeypatch, capsys):
+    """The reported case: `sinkhorn-hf convert SRC . --overwrite` in a folder holding other files."""
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "notes.txt").write_text("keep me")
+    (work / CONVERSION_RECORD).write_text("{}")  # even a folder that looks like a conversion
+    before = folder_bytes(work)
+    monkeypatch.chdir(work / "sub")
+    for out in (".", str(work / "sub"), "..", str(tmp_path)):
+        with pytest.raises(SystemExit, match="is the current directory .* or a folder above it"):
+            main(["convert", str(tiny_bert), out, "--overwrite"])
+    monkeypatch.setenv("HOME", str(work))
+    monkeypatch.chdir(tmp_path.parent)
+    with pytest.raises(ConversionError, match="is the home directory"):
+        convert(tiny_bert, work, iterations=1, overwrite=True)
+    assert folder_bytes(work) == before and sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+
+
+def test_refuses_an_output_inside_its_source(tmp_path):
     source = save_tiny_bert(tmp_path / "model")
-    before = (source / "config.json").read_text()
-    with pytest.raises(ConversionError, match="would overwrite the source"):
-        convert(source, source, iterations=1, overwrite=True)
-    with pytest.raises(ConversionError, match="would overwrite the source"):
-        convert(source, tmp_path, iterations=1, overwrite=True)
-    assert (source / "config.json").read_text() == before and (source / "model.safetensors").is_file()
+    before = folder_bytes(source)
+    with pytest.raises(ConversionError, match="is inside the source .* would change the source"):
+        convert(source, source / "sinkhorn", iterations=1)
+    assert folder_bytes(source) == before
+
+
+def test_failed_conversion_leaves_the_output_as_it_was(tiny_bert, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    convert(tiny_bert, out, iterations=1)
+    (out / "README.md").write_text("a card written afterwards")
+    before = folder_bytes(out)
+    copies, copyfile = [], shutil.copyfile
+
+    def copy_then_fail(source, target):  # the first file lands in the staging folder, the second fails
+        if copies:
+            raise OSError(28, "No space left on device")
+        copies.append(copyfile(source, target))
+
+    monkeypatch.setattr(shutil, "copyfile", copy_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        convert(tiny_bert, out, iterations=3, overwrite=True)
+    assert copies and folder_bytes(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the staging folder is gone too
+
+    monkeypatch.undo()
+    failures = iter([OSError(5, "Input/output error")])
+    rename = Path.rename
+
+    def rename_failing_once_into_place(self, target):  # OUT is set aside, then the staging rename fails
+        if Path(target) == out and self.name.startswith(".out.") and ".previous." not in self.name:
+            raise next(failures)
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename_failing_once_into_place)
+    with pytest.raises(OSError, match="Input/output error"):
+        convert(tiny_bert, out, iterations=3, overwrite=True)
+    assert folder_bytes(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_missing_model_is_a_clear_error(tmp_path, monkeypatch):
