@@ -237,10 +237,11 @@ def has_card_metadata(text: str) -> bool:
     return _resolve(_YAML_BLOCK).search(text) is not None
 
 
-def upload_selection(files: list[str], ignore_patterns: list[str]) -> list[str]:
-    """The ``files`` that ``upload_folder(..., ignore_patterns=...)`` sends, its default ignores included."""
-    patterns = list(ignore_patterns) + list(_resolve(_IGNORE_PATTERNS))
-    return list(_resolve(_FILTER)(files, ignore_patterns=patterns))
+def upload_selection(files: list[str], allow_patterns: list[str] | None = None) -> list[str]:
+    """The ``files`` that ``upload_folder(..., allow_patterns=...)`` sends, its default ignores included."""
+    return list(
+        _resolve(_FILTER)(files, allow_patterns=allow_patterns, ignore_patterns=list(_resolve(_IGNORE_PATTERNS)))
+    )
 
 
 # --- accelerate (training/) ---

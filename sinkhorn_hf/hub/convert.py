@@ -29,7 +29,7 @@ CONFIG_NAME = "config.json"
 _SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
 _TORCH_BIN = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 # Tokenizer and processor files of the families sinkhorn_hf supports (WordPiece, BPE, SentencePiece, images).
-_PREPROCESSOR_PATTERNS = (
+PREPROCESSOR_PATTERNS = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -94,7 +94,7 @@ def convert(
     preprocessors = sorted(
         path.name
         for path in source_dir.iterdir()
-        if path.is_file() and any(fnmatch.fnmatch(path.name, p) for p in _PREPROCESSOR_PATTERNS)
+        if path.is_file() and any(fnmatch.fnmatch(path.name, p) for p in PREPROCESSOR_PATTERNS)
     )
     copied = [CONFIG_NAME, *weights, *preprocessors]
     not_copied = sorted(p.name for p in source_dir.iterdir() if p.name not in copied and not p.name.startswith("."))
@@ -220,7 +220,7 @@ def _download(repo_id: str) -> tuple[Path, str]:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    common = [CONFIG_NAME, *_PREPROCESSOR_PATTERNS]
+    common = [CONFIG_NAME, *PREPROCESSOR_PATTERNS]
     try:
         local = Path(snapshot_download(repo_id, allow_patterns=[*common, *_SAFETENSORS, "model-*.safetensors"]))
         if not (local / _SAFETENSORS[0]).is_file() and not (local / _SAFETENSORS[1]).is_file():

@@ -1,23 +1,52 @@
-"""Share a run directory on the Hugging Face Hub: the model, its tokenizer, results and card, not its checkpoints.
+"""Share a run directory on the Hugging Face Hub: the model, its tokenizer, results and card, nothing else.
 
-The file selection uses huggingface_hub's own filter (the one ``upload_folder`` applies), so a dry run lists
-exactly what an upload sends.
+What is sent is an allowlist of the files a model repository holds (plus what the user names with ``include``),
+never a link that leads out of the folder. ``upload_folder`` is given exactly the selected files as its
+``allow_patterns``, so a dry run lists exactly what an upload sends, and says what it left out and why.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import fnmatch
+import glob
+import os
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard
 
 from ..compat import has_card_metadata, upload_selection
+from ..training.results import RESULTS_FILE
 from .card import CARD_FILE, REPO_ID_PLACEHOLDER
+from .convert import CONFIG_NAME, CONVERSION_RECORD, PREPROCESSOR_PATTERNS
 
-# Training state that is not the model: accelerate save_state folders and files (checkpoints/checkpoint_N,
-# optimizer.bin, scheduler.bin, sampler.bin, scaler.pt, random_states_N.pkl, custom_checkpoint_N.pkl),
-# transformers Trainer folders (checkpoint-N) and tensorboard logs. fnmatch's * also matches "/".
+# What a model repository holds, by file name, at the top of the run directory or in ADAPTER_FOLDER (a LoRA
+# run's adapter): weights and their shard indexes, configs, tokenizer/processor files, card and records.
+MODEL_REPO_FILES = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model*.bin.index.json",
+    "adapter_model.bin",
+    "adapter_config.json",
+    CONFIG_NAME,
+    "generation_config.json",
+    "image_processor_config.json",
+    *PREPROCESSOR_PATTERNS,
+    "chat_template.jinja",
+    "chat_template.json",
+    CARD_FILE,
+    RESULTS_FILE,
+    CONVERSION_RECORD,
+)
+ADAPTER_FOLDER = "adapter"  # sinkhorn_hf.training.trainer.ADAPTER_DIR (not imported: it pulls in accelerate)
+# Training state that is not the model, sent only with include_checkpoints: accelerate save_state folders and
+# files (checkpoints/checkpoint_N, optimizer.bin, scheduler.bin, sampler.bin, scaler.pt, random_states_N.pkl,
+# custom_checkpoint_N.pkl), transformers Trainer folders and files (checkpoint-N, rng_state.pth,
+# trainer_state.json, training_args.bin) and tensorboard logs. fnmatch's * also matches "/".
 CHECKPOINT_PATTERNS = (
     "checkpoints/*",
     "*/checkpoints/*",
@@ -33,14 +62,39 @@ CHECKPOINT_PATTERNS = (
     "*scaler.pt",
     "*random_states*",
     "*custom_checkpoint_*.pkl",
+    "*rng_state*.pth",
+    "*trainer_state.json",
+    "*training_args.bin",
     "runs/*",
     "*/runs/*",
     "*events.out.tfevents*",
 )
+LINK_OUT = "link out of the folder"
 
 
 class PushError(ValueError):
     """The run directory is not ready to share (no card, no token, bad repository id)."""
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """A path of the run directory that is not sent, and why (``reason`` says how to send it, where one may)."""
+
+    path: str
+    reason: str
+    link_target: str | None = None  # what a symbolic link points to, as written in the link
+
+    def __str__(self) -> str:
+        link = f" -> {self.link_target}" if self.link_target is not None else ""
+        return f"{self.path}{link} ({self.reason})"
+
+
+@dataclass
+class Selection:
+    """``files``: relative '/'-separated paths that are sent, sorted; ``left_out``: everything else found."""
+
+    files: list[str]
+    left_out: list[LeftOut] = field(default_factory=list)
 
 
 @dataclass
@@ -49,21 +103,83 @@ class PushReport:
 
     files: list[str]
     commit_url: str | None = None
+    left_out: list[LeftOut] = field(default_factory=list)
 
 
-def ignore_patterns(include_checkpoints: bool = False) -> list[str]:
-    """The patterns ``upload_folder`` is given (a new list: huggingface_hub extends it in place)."""
-    return [] if include_checkpoints else list(CHECKPOINT_PATTERNS)
+def is_model_repo_file(path: str) -> bool:
+    """Whether ``path`` (relative, '/'-separated) is one of :data:`MODEL_REPO_FILES` where a model repo has it."""
+    folder, _, name = path.rpartition("/")
+    return folder in ("", ADAPTER_FOLDER) and any(fnmatch.fnmatchcase(name, pattern) for pattern in MODEL_REPO_FILES)
 
 
-def select_files(run_dir: str | Path, include_checkpoints: bool = False) -> list[str]:
-    """Paths (relative, '/'-separated, sorted) that :func:`push` uploads from ``run_dir``."""
+def select(run_dir: str | Path, include_checkpoints: bool = False, include: Sequence[str] = ()) -> Selection:
+    """What :func:`push` sends from ``run_dir`` and what it leaves out.
+
+    Sent: :func:`is_model_repo_file` files, training state with ``include_checkpoints``, and paths matching an
+    ``include`` pattern (``upload_folder``'s ``allow_patterns`` syntax). Never sent: links that lead out of the
+    folder (whatever ``include`` says), links to folders (not followed), what ``upload_folder`` always ignores
+    (.git, .cache/huggingface). A link inside the folder is sent when both it and its target would be."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise PushError(f"run directory {run_dir} does not exist")
-    # Listed and filtered as upload_folder does, its default ignores (.git, .cache/huggingface) included.
-    files = [path.relative_to(run_dir).as_posix() for path in sorted(run_dir.glob("**/*")) if path.is_file()]
-    return upload_selection(files, ignore_patterns(include_checkpoints))
+    root = run_dir.resolve()
+    selection = Selection([])
+    for folder, dirs, names in os.walk(run_dir):  # followlinks=False: a linked folder is listed, not entered
+        for name in sorted(dirs + names):
+            path = Path(folder) / name
+            rel = path.relative_to(run_dir).as_posix()
+            if path.is_symlink():
+                reason = _link_reason(path, rel, root, include_checkpoints, include)
+            elif path.is_dir():
+                continue
+            elif not path.is_file():
+                reason = "not a regular file"
+            else:
+                reason = _file_reason(rel, include_checkpoints, include)
+            if reason is None:
+                selection.files.append(rel)
+            else:
+                selection.left_out.append(LeftOut(rel, reason, os.readlink(path) if path.is_symlink() else None))
+    selection.files.sort()
+    selection.left_out.sort(key=lambda item: item.path)
+    return selection
+
+
+def select_files(run_dir: str | Path, include_checkpoints: bool = False, include: Sequence[str] = ()) -> list[str]:
+    """Paths (relative, '/'-separated, sorted) that :func:`push` uploads from ``run_dir`` (:func:`select`)."""
+    return select(run_dir, include_checkpoints, include).files
+
+
+def _file_reason(rel: str, include_checkpoints: bool, include: Sequence[str]) -> str | None:
+    """Why the regular file ``rel`` is left out, or None when it is sent."""
+    if not upload_selection([rel]):
+        return "never uploaded: git and huggingface_hub cache files"
+    if include and upload_selection([rel], allow_patterns=list(include)):
+        return None
+    if any(fnmatch.fnmatchcase(rel, pattern) for pattern in CHECKPOINT_PATTERNS):
+        return None if include_checkpoints else "training state; add --include-checkpoints to send it"
+    if is_model_repo_file(rel):
+        return None
+    pattern = shlex.quote(glob.escape(rel))  # quoted as a shell needs it, and always visibly
+    pattern = pattern if pattern.startswith("'") else f"'{pattern}'"
+    return f"not a model-repo file; add --include {pattern} to send it"
+
+
+def _link_reason(path: Path, rel: str, root: Path, include_checkpoints: bool, include: Sequence[str]) -> str | None:
+    """Why the link ``rel`` is left out, or None when it is sent (it and its target inside the folder are)."""
+    target = path.resolve()
+    if not target.is_relative_to(root):
+        return LINK_OUT
+    if not target.exists():
+        return "broken link"
+    if target.is_dir():
+        return "link to a folder; links to folders are not followed"
+    target_rel = target.relative_to(root).as_posix()
+    for name in (rel, target_rel):
+        reason = _file_reason(name, include_checkpoints, include)
+        if reason is not None:
+            return reason if name == rel else f"link to {target_rel}, which is not sent: {reason}"
+    return None
 
 
 def check_card(run_dir: Path) -> ModelCard:
@@ -87,10 +203,11 @@ def push(
     *,
     private: bool = False,
     include_checkpoints: bool = False,
+    include: Sequence[str] = (),
     dry_run: bool = False,
     api: Any = None,
 ) -> PushReport:
-    """Create ``repo_id`` (if needed) and upload :func:`select_files` of ``run_dir``.
+    """Create ``repo_id`` (if needed) and upload :func:`select` of ``run_dir`` (``include`` as there).
 
     With ``dry_run`` nothing is sent, no token is needed and the card is left as it is. Otherwise the card's
     placeholder repository id is filled in first, and the token comes from where huggingface_hub looks
@@ -104,10 +221,10 @@ def push(
         validate_repo_id(repo_id)
     except HFValidationError as error:
         raise PushError(f"{repo_id!r} is not a valid Hub repository id (like 'user/model-name'): {error}") from None
-    files = select_files(run_dir, include_checkpoints)
+    selection = select(run_dir, include_checkpoints, include)
     check_card(run_dir)
     if dry_run:
-        return PushReport(files)
+        return PushReport(selection.files, left_out=selection.left_out)
     if api is None:
         from huggingface_hub import HfApi, get_token
 
@@ -123,10 +240,11 @@ def push(
         folder_path=run_dir,
         repo_id=repo_id,
         repo_type="model",
-        ignore_patterns=ignore_patterns(include_checkpoints),
+        # The selected files by name, escaped so that none is read as a pattern: exactly what the dry run lists.
+        allow_patterns=[glob.escape(name) for name in selection.files],
         commit_message="Upload Sinkhorn model with sinkhorn-hf",
     )
-    return PushReport(files, getattr(commit, "commit_url", None) or str(commit))
+    return PushReport(selection.files, getattr(commit, "commit_url", None) or str(commit), selection.left_out)
 
 
 def card_has_placeholder(run_dir: str | Path) -> bool:
