@@ -7,8 +7,10 @@ the metadata block (base model, tags, datasets, ``model-index`` eval results) is
 
 from __future__ import annotations
 
+import html
 import importlib.resources
 import json
+import re
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -80,6 +82,8 @@ def build_card(
     the results or the conversion record; ``repo_id`` goes into the "how to load" snippet.
     """
     run_dir = Path(run_dir)
+    if repo_id is not None and not _is_hub_id(repo_id):
+        raise CardError(f"--repo-id {repo_id!r} is not a Hub repository id (like 'user/model-name')")
     config = _load_config(run_dir)
     if results_path is None and (run_dir / RESULTS_FILE).is_file():
         results_path = run_dir / RESULTS_FILE
@@ -140,8 +144,36 @@ def build_card(
         kind=kind,
         has_preprocessor=_has_preprocessor(run_dir, kind.is_text),
         version=__version__,
+        text=markdown_text,
+        code=markdown_code,
+        fence=markdown_fence,
         **_adjoint_context(results, config),
     )
+
+
+def markdown_text(value: Any) -> str:
+    """``value`` as inert Markdown text, also inside a table cell: lines joined, ``& < > | ` `` as HTML entities
+    (shown as themselves, never parsed as HTML, cell borders or code), a leading ``#`` escaped."""
+    text = html.escape(" ".join(str(value).splitlines()), quote=False).replace("|", "&#124;").replace("`", "&#96;")
+    return "\\" + text if text.startswith("#") else text
+
+
+def markdown_code(value: Any) -> str:
+    """``value`` as inline code: a plain code span when it needs no escaping, else an HTML ``<code>`` element
+    around :func:`markdown_text` (a code span shows entities literally, and cannot hold a pipe in a table)."""
+    text = str(value)
+    if re.search(r"[`|<>&\r\n]", text) is None:
+        return f"`{text}`"
+    return f"<code>{markdown_text(text)}</code>"
+
+
+def markdown_fence(value: Any, info: str = "") -> str:
+    """``value`` verbatim in a fenced code block whose fence is longer than any backtick run inside it, so no line
+    of ``value`` can close it (CommonMark); inside a fence nothing is parsed as Markdown or HTML."""
+    text = "\n".join(str(value).splitlines())
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{info}\n{text}\n{fence}"
 
 
 def _adjoint_context(results: RunResults | None, config: Any) -> dict[str, Any]:

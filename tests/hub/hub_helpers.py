@@ -111,3 +111,24 @@ def run_snippet(code: str, namespace: dict | None = None) -> str:
     with contextlib.redirect_stdout(printed):
         exec(compile(code, "<card snippet>", "exec"), {} if namespace is None else namespace)
     return printed.getvalue()
+
+
+def fenced_blocks(markdown: str) -> tuple[list[str], list[str]]:
+    """(the lines outside fenced code, the content of each fenced block) of ``markdown``, by CommonMark's fence
+    rules: a line of 3+ backticks (or tildes) opens a block that only a line of at least as many of the same
+    character closes. Fails when a block is left open."""
+    outside, blocks, fence, content = [], [], None, []
+    for line in markdown.splitlines():
+        if fence is None:
+            opening = re.match(r" {0,3}(`{3,}|~{3,})(.*)$", line)
+            if opening and not (opening[1][0] == "`" and "`" in opening[2]):
+                fence, content = opening[1], []
+            else:
+                outside.append(line)
+        elif re.fullmatch(rf" {{0,3}}{re.escape(fence[0])}{{{len(fence)},}}\s*", line):
+            blocks.append("\n".join(content))
+            fence = None
+        else:
+            content.append(line)
+    assert fence is None, f"a {fence} fence is never closed"
+    return outside, blocks

@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from hub_helpers import python_snippet, run_snippet, text_batch, trainer_results, write_results
+from hub_helpers import fenced_blocks, python_snippet, run_snippet, text_batch, trainer_results, write_results
 from huggingface_hub import ModelCard, ModelCardData, metadata_eval_result
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
@@ -231,3 +231,43 @@ def test_cli_writes_card_and_reports_errors(run_dir, tmp_path, capsys):
         main(["card", str(run_dir), "--results", str(tmp_path / "missing.json")])
     with pytest.raises(SystemExit, match="run directory .* does not exist"):
         main(["card", str(tmp_path / "nowhere")])
+
+
+INJECTED = "# Heading\n<script>alert(1)</script> | cell ```\n```\n# Heading"
+
+
+def test_results_fields_cannot_inject_markdown_or_html(run_dir):
+    """Text from results.json (task, metric, split and path names, the command) is shown, never interpreted: no
+    heading, no HTML element, no table cell or code fence of its own."""
+    command = f"python run.py --note '{INJECTED}'"
+    results = trainer_results(
+        model_name_or_path=f"/models/{INJECTED}",
+        task_name=f"task {INJECTED}",
+        dataset=[f"/data/{INJECTED}.csv"],
+        eval_split=f"split {INJECTED}",
+        metrics={f"acc {INJECTED}": 0.5},
+        command=command,
+        peak_memory_kind=INJECTED,
+    )
+    write_results(run_dir, results)
+    with pytest.warns(UserWarning, match="local path"):
+        path = write_card(run_dir)
+    card = ModelCard.load(path)  # the metadata block still parses, with the names as they are
+    assert card.data.eval_results[0].metric_name == f"acc {INJECTED}"
+    assert card.data.eval_results[0].dataset_split == f"split {INJECTED}"
+    outside, blocks = fenced_blocks(card.text)  # every fence is closed
+    assert command in blocks  # the command verbatim in its own block, the injected fence inside it
+    headings = [line for line in outside if line.lstrip().startswith("#")]
+    assert headings == ["# sst2-run", "## Attention", "## Training", "## Evaluation", "## How to load", "## Citation"]
+    assert not any("<script" in line.lower() for line in outside)
+    assert card.text.count("<script") == 1  # only inside the command's code block
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &#124; cell &#96;&#96;&#96;" in card.text  # shown as written
+    # Every table row keeps its own cells: the injected "|" is an entity, not a border.
+    rows = [line for line in outside if line.startswith("|")]
+    assert {line.count("|") for line in rows} == {3, 4}
+    assert [line.count("|") for line in rows if line.startswith("| acc ")] == [4]
+
+
+def test_repo_id_must_be_a_hub_id(run_dir):
+    with pytest.raises(CardError, match="is not a Hub repository id"):
+        build_card(run_dir, repo_id='me/x"); import os; ("')
