@@ -34,7 +34,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="stop early once column sums are within this of their target (default: always run K iterations)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty OUT")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT when it holds an earlier conversion (sinkhorn_conversion.json)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
