@@ -41,13 +41,13 @@ def weights_like(tensors, seed=1):
 BLOCKS = pytest.mark.parametrize("block_size", [None, 3, 1], ids=["dense", "blocks3", "blocks1"])
 
 
-@BLOCKS
-@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5])
 def block_grads(terms, blocks):
     """dS of the terms on every score block."""
     return [grad_block(terms, i, blocks.scratch(i).clone(), rows) for i, rows in enumerate(blocks.slices)]
 
 
+@BLOCKS
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5])
 def test_iterates_match_the_reference(steps, block_size):
     q, k, bias, allowed, query_valid = problem()
     blocks = ScoreBlocks(q, k, bias, allowed, query_valid, SCALE, block_size)
