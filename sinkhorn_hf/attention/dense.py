@@ -33,8 +33,8 @@ class Workspace:
 
     On CPU every fresh N² buffer costs a page fault per 4 KiB page on first touch (glibc hands large blocks
     back to the system on free), which is a third of the dense route's time at N=512. Only buffers that never
-    leave a forward or backward call come from here. CUDA has its own caching allocator, so there this is plain
-    ``torch.empty``. ``clear()`` frees the cached buffers.
+    leave a forward or backward call come from here. CUDA has its own caching allocator and a compiled graph plans
+    its own buffers, so there this is plain ``torch.empty``. ``clear()`` frees the cached buffers.
     """
 
     def __init__(self) -> None:
@@ -45,7 +45,7 @@ class Workspace:
         return self.empty(purpose, like.shape, like.dtype, like.device)
 
     def empty(self, purpose: str, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
-        if torch.device(device).type != "cpu":
+        if torch.device(device).type != "cpu" or torch.compiler.is_compiling():  # compiled: inductor plans memory
             return torch.empty(shape, dtype=dtype, device=device)
         cache = self._local.__dict__.setdefault("buffers", {})
         key = (purpose, tuple(shape), dtype)

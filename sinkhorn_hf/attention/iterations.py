@@ -162,7 +162,9 @@ def grad_block(terms, index: int, out: Tensor, rows: slice = slice(None)) -> Ten
     for position, (plan, left, right) in enumerate(terms):
         weight = left[..., rows, :] if right is None else right if left is None else left[..., rows, :] * right
         plan_block = plan.block(index)
-        if position == 0:
+        if position == 0 and torch.compiler.is_compiling():  # dynamo refuses out= views
+            out.copy_(plan_block * weight).neg_()
+        elif position == 0:
             torch.mul(plan_block, weight, out=out).neg_()
         else:
             out.addcmul_(plan_block, weight, value=-1)

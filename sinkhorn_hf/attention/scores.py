@@ -119,7 +119,10 @@ class ScoreBlocks:
 
     def _compute(self, rows: slice, out: Tensor) -> Tensor:
         # scale the (rows, D) query block, not the (rows, Lk) scores, and never copy all of Q
-        torch.matmul(self.query[..., rows, :] * self.scale, self.key.transpose(-1, -2), out=out)
+        if torch.compiler.is_compiling():  # dynamo refuses out= views; the compiled graph plans its buffers anyway
+            out.copy_(torch.matmul(self.query[..., rows, :] * self.scale, self.key.transpose(-1, -2)))
+        else:
+            torch.matmul(self.query[..., rows, :] * self.scale, self.key.transpose(-1, -2), out=out)
         bias = _rows(self.bias, rows)
         return out if bias is None else out.add_(bias)
 
