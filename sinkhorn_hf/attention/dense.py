@@ -121,7 +121,7 @@ class DenseSinkhornAttention(torch.autograd.Function):
         us, vs, frozen = rest[:n_us], rest[n_us : n_us + n_vs], rest[n_us + n_vs :]
         blocks = _blocks(query, key, bias, allowed, query_valid, options)
         final = blocks.plan(final_row_potential(us, iterations, query_valid), vs[-1] if vs else 0.0, column=False)
-        plan_matrix = final.block(0, WORKSPACE.get("plan", blocks.scratch(0)))
+        plan_matrix = final.block(0, WORKSPACE.get("weights", blocks.scratch(0)))  # the forward's buffer is free now
         if weights is None:  # the (dropped-out) weights: the plan, masked and rescaled like the forward's
             weights = plan_matrix
             if keep is not None:
@@ -135,15 +135,17 @@ class DenseSinkhornAttention(torch.autograd.Function):
         del weights
         grad_u = grad_scores.sum(-1, keepdim=True)
         grad_v = grad_scores.sum(-2, keepdim=True) if vs else None
+        terms_out = plan_matrix  # free once the weights are applied, unless the implicit solve keeps the plan
         if options.settings.backward == "implicit" and vs:
             terms = implicit_terms(StoredPlan(plan_matrix), grad_u, grad_v, blocks.support, options.solver)
+            terms_out = blocks.scratch(0)  # a StoredPlan's blocks never use the score blocks' scratch
         else:
             plans = step_plans(blocks.plan, list(us), list(vs), blocks.support.log_target)
             grad_us = final_row_grads(grad_u, n_us, iterations, query_valid)
             grad_vs = [None] * (n_vs - 1) + [grad_v] if vs else []
             terms = unrolled_terms(plans, list(frozen), grad_us, grad_vs, blocks.support)
         if terms:  # grad_block returns -Σ plan ⊙ left rightᵀ
-            grad_scores.add_(grad_block(terms, 0, WORKSPACE.get("terms", plan_matrix)))
+            grad_scores.add_(grad_block(terms, 0, terms_out))
 
         grad_query = grad_key = grad_bias = None
         if ctx.needs_input_grad[0]:
