@@ -3,6 +3,8 @@
     python scripts/bench_attention.py --sizes 128 512 2048 8192 --iterations 1 3 5 --batch 4 --heads 12
     python scripts/bench_attention.py --sizes 512 --repeats 5 --no-memory           # timing only
     python scripts/bench_attention.py --streaming-check                              # B=1, H=12, N=16384
+    python scripts/bench_attention.py --sizes 512 2048 --compile                     # torch.compile on for all
+    python scripts/bench_attention.py --sizes 512 2048 8192 --device cuda            # on a GPU
 
 Time: forward (no grad) and forward+backward of one attention call on random float32 (B, H, N, D) inputs, best of
 ``--repeats`` runs, every method of a size measured in this process with the runs interleaved. Sinkhorn goes
@@ -10,7 +12,10 @@ through ``sinkhorn_hf.attention.routes.sinkhorn_attention`` with its default rou
 dense below the streaming threshold, streaming above). Peak memory: each (size, method) runs once more in its own
 process; after the inputs exist, VmHWM is reset (/proc/self/clear_refs) and the peak resident memory of a
 forward and then a forward+backward is read back minus the resident memory before them (glibc returns freed
-tensors to the system at once there), so it is what the call itself needs. A configuration whose estimated
+tensors to the system at once there), so it is what the call itself needs. With ``--device cuda`` the clock waits
+for the device (``torch.cuda.synchronize``) and peak memory is ``torch.cuda.max_memory_allocated`` above the
+inputs, measured in this process. ``--compile`` puts every method (SDPA, eager and Sinkhorn) through
+``torch.compile``; compilation happens in the untimed warm-up. A configuration whose estimated
 memory would exceed ``--memory-limit-gib`` is skipped with the reason printed. Results go to ``--output``
 (JSON, one entry per size: a killed run resumes at the next size) and the table is printed as Markdown.
 """
@@ -55,14 +60,31 @@ def _label(method: str, n: int, dim: int) -> str:
     return method
 
 
-def _attention(method: str):
-    """fn(q, k, v) -> output (B, H, N, D)."""
+def _attention(method: str, compile_: bool = False):
+    """fn(q, k, v) -> output (B, H, N, D), through torch.compile if ``compile_``."""
     if method == "sdpa":
-        return torch.nn.functional.scaled_dot_product_attention
-    if method == "eager":
-        return lambda q, k, v: torch.matmul(torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, -1), v)
-    settings = SinkhornSettings(iterations=int(method.removeprefix("sinkhorn")))
-    return lambda q, k, v: sinkhorn_attention(q, k, v, settings=settings)[0]
+        fn = torch.nn.functional.scaled_dot_product_attention
+    elif method == "eager":
+
+        def fn(q, k, v):
+            return torch.matmul(torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, -1), v)
+
+    else:
+        settings = SinkhornSettings(iterations=int(method.removeprefix("sinkhorn")))
+
+        def fn(q, k, v):
+            return sinkhorn_attention(q, k, v, settings=settings)[0]
+
+    if not compile_:
+        return fn
+    torch._dynamo.config.trace_autograd_ops = True  # the streaming backward differentiates its inner SDPA call
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    return torch.compile(fn)
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def _estimated_bytes(method: str, n: int, batch: int, heads: int, dim: int) -> int:
@@ -74,11 +96,10 @@ def _estimated_bytes(method: str, n: int, batch: int, heads: int, dim: int) -> i
     return vectors + (4 * scores if materialises else 0)
 
 
-def _inputs(n: int, batch: int, heads: int, dim: int, seed: int = 0):
+def _inputs(n: int, batch: int, heads: int, dim: int, seed: int = 0, device: str = "cpu"):
     generator = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(batch, heads, n, dim, generator=generator).requires_grad_() for _ in range(3))
-    upstream = torch.randn(batch, heads, n, dim, generator=generator)
-    return q, k, v, upstream
+    q, k, v, upstream = (torch.randn(batch, heads, n, dim, generator=generator).to(device) for _ in range(4))
+    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), upstream
 
 
 def _forward(fn, q, k, v) -> None:
@@ -95,22 +116,29 @@ def time_size(methods: list[str], n: int, args) -> dict[str, dict[str, float]]:
     """Best-of-``args.repeats`` forward and forward+backward seconds per method, runs interleaved. A run that
     takes under MIN_RUN_S repeats the call in a loop (and reports the time per call), so that short calls are
     not at the mercy of the clock and thread wake-ups."""
-    q, k, v, upstream = _inputs(n, args.batch, args.heads, args.dim)
-    fns = {m: _attention(m) for m in methods}
+    q, k, v, upstream = _inputs(n, args.batch, args.heads, args.dim, device=args.device)
+    fns = {m: _attention(m, args.compile) for m in methods}
     best = {m: {"forward_s": float("inf"), "train_s": float("inf")} for m in methods}
     loops = {}
     for method, fn in fns.items():  # warm-up (thread pools, first-call dispatch), timed to size the loops
+        _forward(fn, q, k, v)  # with --compile, the inference graph compiles here
+        _train(fn, q, k, v, upstream)
+        _synchronize(args.device)
         start = time.perf_counter()
         _train(fn, q, k, v, upstream)
+        _synchronize(args.device)
         loops[method] = max(1, int(MIN_RUN_S / max(time.perf_counter() - start, 1e-6)))
     for _ in range(args.repeats):
         for method, fn in fns.items():
+            _synchronize(args.device)
             start = time.perf_counter()
             for _ in range(loops[method]):
                 _forward(fn, q, k, v)
+            _synchronize(args.device)
             middle = time.perf_counter()
             for _ in range(loops[method]):
                 _train(fn, q, k, v, upstream)
+            _synchronize(args.device)
             end = time.perf_counter()
             best[method]["forward_s"] = min(best[method]["forward_s"], (middle - start) / loops[method])
             best[method]["train_s"] = min(best[method]["train_s"], (end - middle) / loops[method])
@@ -124,10 +152,30 @@ def _rss(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure_memory_here(method: str, n: int, batch: int, heads: int, dim: int) -> dict[str, float]:
+def measure_cuda_memory(method: str, n: int, args) -> dict[str, float]:
+    """Peak allocated GPU memory (MiB) of a forward, then of a forward+backward, above the inputs."""
+    fn = _attention(method, args.compile)
+    q, k, v, upstream = _inputs(n, args.batch, args.heads, args.dim, device="cuda")
+    _train(fn, q, k, v, upstream)  # compile (and warm up) outside the measurement
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    _forward(fn, q, k, v)
+    torch.cuda.synchronize()
+    forward = torch.cuda.max_memory_allocated() - before
+    _train(fn, q, k, v, upstream)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    return {"forward_mib": forward / _MIB, "train_mib": (peak - before) / _MIB, "total_mib": peak / _MIB}
+
+
+def measure_memory_here(method: str, n: int, batch: int, heads: int, dim: int, compile_: bool) -> dict[str, float]:
     """Peak resident memory (MiB) of a forward, then of a forward+backward, above the memory before them."""
-    fn = _attention(method)
+    fn = _attention(method, compile_)
     q, k, v, upstream = _inputs(n, batch, heads, dim)
+    if compile_:  # compile outside the measurement
+        _forward(fn, q, k, v)
+        _train(fn, q, k, v, upstream)
     before = _rss("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident size
     _forward(fn, q, k, v)
@@ -140,10 +188,12 @@ def measure_memory_here(method: str, n: int, batch: int, heads: int, dim: int) -
     }
 
 
-def measure_memory(method: str, n: int, batch: int, heads: int, dim: int) -> dict[str, float]:
-    """measure_memory_here in a fresh process."""
+def measure_memory(method: str, n: int, batch: int, heads: int, dim: int, args) -> dict[str, float]:
+    """measure_memory_here in a fresh process (CPU), or measure_cuda_memory here."""
+    if args.device == "cuda":
+        return measure_cuda_memory(method, n, args)
     command = [sys.executable, __file__, "--child", method, str(n), str(batch), str(heads), str(dim)]
-    command += ["--threads", str(torch.get_num_threads())]
+    command += ["--threads", str(torch.get_num_threads())] + (["--compile"] if args.compile else [])
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if result.returncode != 0:
@@ -160,9 +210,13 @@ def _number(value: float | None, digits: int = 1) -> str:
 
 
 def render(results: dict, args) -> str:
+    if args.device == "cuda":
+        where = torch.cuda.get_device_name()
+    else:
+        where = f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    compiled = "torch.compile on for every method" if args.compile else "eager"
     lines = [
-        f"B={args.batch}, H={args.heads}, D={args.dim}, float32, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
+        f"B={args.batch}, H={args.heads}, D={args.dim}, float32, torch {torch.__version__}, {where}, {compiled}; "
         f"time = best of {args.repeats}; ratios are to SDPA at the same N",
         "",
         "| N | method | fwd ms | fwd ×SDPA | fwd+bwd ms | fwd+bwd ×SDPA | peak MiB fwd+bwd | peak ×SDPA |",
@@ -214,7 +268,7 @@ def run(args) -> dict:
             row[method] = timing
         if args.memory:
             for method in tqdm(runnable, desc=f"memory N={n}", leave=False):
-                row[method].update(measure_memory(method, n, args.batch, args.heads, args.dim))
+                row[method].update(measure_memory(method, n, args.batch, args.heads, args.dim, args))
         results[str(n)] = row
         path.write_text(json.dumps(results, indent=1))
     return results
@@ -231,7 +285,7 @@ def streaming_check(args) -> str:
         "|---|---|---|",
     ]
     for method in tqdm(["sdpa"] + [f"sinkhorn{k}" for k in args.iterations], desc="streaming check"):
-        memory = measure_memory(method, n, batch, heads, args.dim)
+        memory = measure_memory(method, n, batch, heads, args.dim, args)
         label = _label(method, n, args.dim)
         lines.append(f"| {label} | {memory['train_mib']:.0f} | {memory['total_mib']:.0f} |")
     return "\n".join(lines)
@@ -250,13 +304,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
     parser.add_argument("--output", default="bench_attention.json", help="results file (a killed run resumes)")
     parser.add_argument("--streaming-check", action="store_true", help="only the B=1, H=12, N=16384 memory check")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every method (SDPA, eager, Sinkhorn)")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available to torch here")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
         method, *numbers = args.child
-        print(json.dumps(measure_memory_here(method, *map(int, numbers))))
+        print(json.dumps(measure_memory_here(method, *map(int, numbers), args.compile)))
         return
     if args.streaming_check:
         print(streaming_check(args))
