@@ -179,7 +179,9 @@ def register() -> None:
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
     compat.patch_attn_implementation_check(_check_sinkhorn_request)
     # class-level defaults make from_pretrained(..., sinkhorn_iterations=5) land in the config
-    compat.set_config_class_defaults(dict(zip(SETTING_ATTRIBUTES, dataclasses.astuple(SinkhornSettings()))))
+    compat.set_config_class_defaults(
+        dict(zip(SETTING_ATTRIBUTES, dataclasses.astuple(SinkhornSettings()), strict=True))
+    )
     compat.patch_config_to_dict(_persist_attn_implementation)
     compat.patch_from_pretrained_kwargs(_settings_into_given_config)
     compat.warm_output_collector()

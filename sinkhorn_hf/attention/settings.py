@@ -69,7 +69,7 @@ class SinkhornSettings:
         except TypeError:  # an unhashable value (say a list): let validation name it
             key, cached = None, None
         if cached is None:
-            cached = cls(**{name: value for (name, _, _), value in zip(_CONFIG_FIELDS, values)})
+            cached = cls(**{name: value for (name, _, _), value in zip(_CONFIG_FIELDS, values, strict=True)})
             if key is not None:
                 _FROM_CONFIG[key] = cached
         return cached

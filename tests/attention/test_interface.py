@@ -277,8 +277,11 @@ def test_query_mask_states_query_validity():
 
 @pytest.mark.parametrize(
     "query_mask, message",
-    [(torch.ones(3, 9), "must be a bool tensor"), (torch.ones(3, 8, dtype=torch.bool), "must be a bool tensor"),
-     (torch.ones(2, 9, dtype=torch.bool), "batch size 2")],
+    [
+        (torch.ones(3, 9), "must be a bool tensor"),
+        (torch.ones(3, 8, dtype=torch.bool), "must be a bool tensor"),
+        (torch.ones(2, 9, dtype=torch.bool), "batch size 2"),
+    ],
 )
 def test_bad_query_mask_is_refused(query_mask, message):
     tiny = make_tiny("bert", "sinkhorn")
