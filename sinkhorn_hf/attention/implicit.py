@@ -24,7 +24,10 @@ __all__ = ["ImplicitSolver", "conjugate_gradient", "implicit_terms"]
 def conjugate_gradient(
     operator: Callable[[Tensor], Tensor], rhs: Tensor, tolerance: float, max_iterations: int
 ) -> Tensor:
-    """Solve operator(x) = rhs for a batch of symmetric positive (semi-)definite systems along the last dim."""
+    """Solve operator(x) = rhs for a batch of symmetric positive (semi-)definite systems along the last dim.
+
+    Always ``max_iterations`` steps: a system whose residual is within ``tolerance`` of its right-hand side stops
+    moving (masked on device), so there is no data-dependent exit and no host synchronisation."""
     x = torch.zeros_like(rhs)
     residual = rhs.clone()
     direction = residual.clone()
@@ -33,8 +36,6 @@ def conjugate_gradient(
     tiny = torch.finfo(norm.dtype).tiny
     for _ in range(max_iterations):
         active = norm > goal
-        if not bool(active.any()):
-            break
         image = operator(direction)
         curvature = (direction * image).sum(-1, keepdim=True)
         step = torch.where(active & (curvature > 0), norm / curvature.clamp(min=tiny), 0.0)
@@ -42,7 +43,7 @@ def conjugate_gradient(
         residual = residual - step * image
         new_norm = (residual * residual).sum(-1, keepdim=True)
         ratio = torch.where(norm > 0, new_norm / norm.clamp(min=tiny), 0.0)
-        direction = residual + ratio * direction
+        direction = torch.where(active, residual + ratio * direction, direction)  # a stopped system stays put
         norm = new_norm
     return x
 

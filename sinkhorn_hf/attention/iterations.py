@@ -64,6 +64,31 @@ def half_steps(
     return us, vs, frozen
 
 
+def step_count(iterations: int, query_valid: Tensor | None) -> int:
+    """Half-steps to run for K iterations: K, and for even K with query validity given one more row step, taken
+    only by the rows outside the column marginals (see :func:`final_row_potential`)."""
+    return iterations + (iterations % 2 == 0 and query_valid is not None)
+
+
+def final_row_potential(us: list[Tensor], iterations: int, query_valid: Tensor | None) -> Tensor:
+    """The row potential of the returned plan. For even K the last step fits the columns to the valid rows only;
+    a padded row would keep exp(S + u + v) with v fitted to the others (it overflows for large scores), so the
+    rows outside the column marginals take the extra row step and stay normalised."""
+    if iterations % 2 or query_valid is None:
+        return us[-1]
+    return torch.where(query_valid, us[-2], us[-1])
+
+
+def final_row_grads(grad_u: Tensor, count: int, iterations: int, query_valid: Tensor | None) -> list:
+    """The gradient of each row iterate given that of :func:`final_row_potential` (None = zero)."""
+    grads = [None] * count
+    if iterations % 2 or query_valid is None:
+        grads[-1] = grad_u
+    else:
+        grads[-2], grads[-1] = grad_u.masked_fill(~query_valid, 0.0), grad_u.masked_fill(query_valid, 0.0)
+    return grads
+
+
 def block_half_steps(blocks: ScoreBlocks, steps: int, tolerance: float | None):
     """half_steps in the log domain on score blocks."""
     q, k = blocks.query, blocks.key
@@ -131,9 +156,9 @@ def step_plans(plan: PlanMaker, us: list[Tensor], vs: list[Tensor], log_target: 
     return plans
 
 
-def grad_block(terms, index: int, out: Tensor) -> Tensor:
-    """dS on block ``index`` of BlockPlan terms, written into ``out`` (..., rows, Lk)."""
-    rows = terms[0][0].blocks.slices[index]
+def grad_block(terms, index: int, out: Tensor, rows: slice = slice(None)) -> Tensor:
+    """dS = -Σ plan ⊙ left rightᵀ on block ``index`` (query rows ``rows``) of the terms' plans, written into ``out``
+    (..., rows, Lk)."""
     for position, (plan, left, right) in enumerate(terms):
         weight = left[..., rows, :] if right is None else right if left is None else left[..., rows, :] * right
         plan_block = plan.block(index)

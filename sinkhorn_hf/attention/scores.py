@@ -79,7 +79,8 @@ class ScoreBlocks:
 
     query (..., Lq, D), key (..., Lk, D), float; ``bias`` broadcastable to (..., Lq, Lk) or None; ``allowed``
     bool broadcastable to (..., Lq, Lk) or None (everything); ``query_valid`` bool (..., Lq, 1) or None (every
-    query). ``block_size`` queries per block (None: one block).
+    query). ``block_size`` queries per block (None: one block). ``workspace`` (``.empty(purpose, shape, dtype,
+    device)``, e.g. :data:`.dense.WORKSPACE`) supplies the score buffers when given: they must not outlive the call.
     """
 
     def __init__(
@@ -91,6 +92,7 @@ class ScoreBlocks:
         query_valid: Tensor | None,
         scale: float,
         block_size: int | None,
+        workspace=None,
     ) -> None:
         self.query, self.key, self.bias, self.scale = query, key, bias, scale
         self.allowed, self.query_valid = allowed, query_valid
@@ -100,8 +102,14 @@ class ScoreBlocks:
         self.dense = len(self.slices) == 1
         self.batch_shape = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2])
         # One reusable (..., block, Lk) buffer: fresh N² allocations cost page faults on every pass.
-        self._scratch = torch.empty(*self.batch_shape, size, n_k, dtype=query.dtype, device=query.device)
-        self._scores = self._compute(self.slices[0], torch.empty_like(self._scratch)) if self.dense else None
+        shape = (*self.batch_shape, size, n_k)
+        if workspace is None:
+            self._scratch = torch.empty(shape, dtype=query.dtype, device=query.device)
+            scores = torch.empty_like(self._scratch) if self.dense else None
+        else:
+            self._scratch = workspace.empty("scratch", shape, query.dtype, query.device)
+            scores = workspace.empty("scores", shape, query.dtype, query.device) if self.dense else None
+        self._scores = None if scores is None else self._compute(self.slices[0], scores)
         self._blocked: dict[tuple[int, bool], Tensor | None] = {}
 
         self.support = marginal_support(allowed, query_valid, n_q, n_k, query.dtype, size)
@@ -193,7 +201,7 @@ class ScoreBlocks:
 class Plan(Protocol):
     """A plan P (..., Lq, Lk), e.g. exp(S + u 1ᵀ + 1 vᵀ) on a support, known through products with it.
 
-    Implemented by :class:`BlockPlan` (recomputed score blocks) and :class:`.dense.KernelPlan` (E ⊙ x yᵀ); the
+    Implemented by :class:`BlockPlan` (recomputed score blocks) and :class:`.dense.StoredPlan` (a plan held whole); the
     reverse sweeps (:mod:`.iterations`, :mod:`.implicit`) use nothing else.
     """
 

@@ -12,25 +12,27 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .iterations import half_steps
+from .iterations import final_row_potential, half_steps, step_count
 from .scores import MASKED_LOGIT, MarginalSupport
 from .settings import check_iterations
 
 __all__ = ["MASKED_LOGIT", "log_marginals", "log_sinkhorn", "sinkhorn", "sinkhorn_potentials"]
 
 
-def log_marginals(allowed: Tensor, query_valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def log_marginals(
+    allowed: Tensor, query_valid: Tensor, dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor, Tensor]:
     """Support of the column step and the log target of each column.
 
     ``allowed`` (..., Lq, Lk) bool, ``query_valid`` (..., Lq, 1) bool. Returns ``column_allowed``
     (allowed entries of valid query rows), ``column_has_mass`` (..., 1, Lk) and ``log_column_target``
-    (..., 1, 1) = log(n_q / n_k), counted over valid rows and over columns that carry mass.
+    (..., 1, 1) = log(n_q / n_k) in ``dtype``, counted over valid rows and over columns that carry mass.
     """
     column_allowed = allowed & query_valid
     column_has_mass = column_allowed.any(dim=-2, keepdim=True)
     n_q = query_valid.sum(dim=-2, keepdim=True).clamp(min=1)
     n_k = column_has_mass.sum(dim=-1, keepdim=True).clamp(min=1)
-    return column_allowed, column_has_mass, (n_q.float() / n_k.float()).log()
+    return column_allowed, column_has_mass, (n_q.to(dtype) / n_k.to(dtype)).log()
 
 
 def sinkhorn_potentials(
@@ -44,12 +46,13 @@ def sinkhorn_potentials(
 
     scores (..., Lq, Lk) float; allowed (..., Lq, Lk) bool; query_valid (..., Lq, 1) bool.
     Returns u (..., Lq, 1) and v (..., 1, Lk) with log A = S + u + v on the support:
-    u = -lse_k(S + v) over allowed keys, v = log t - lse_q(S + u) over valid queries.
+    u = -lse_k(S + v) over allowed keys, v = log t - lse_q(S + u) over valid queries; for even K the rows
+    outside the column marginals take one more row step (they stay normalised, see ``final_row_potential``).
     ``tolerance``: a batch/head entry stops updating once the column sums it would correct are within
     ``tolerance`` of their target (checked on device, so no host synchronisation per step).
     """
     check_iterations(iterations, "iterations")
-    column_allowed, column_has_mass, log_target = log_marginals(allowed, query_valid)
+    column_allowed, column_has_mass, log_target = log_marginals(allowed, query_valid, scores.dtype)
     support = MarginalSupport(allowed.any(dim=-1, keepdim=True), column_has_mass, query_valid, log_target)
 
     def row_lse(v: Tensor) -> Tensor:
@@ -60,8 +63,9 @@ def sinkhorn_potentials(
 
     u = scores.new_zeros(scores.shape[:-1] + (1,))
     v = scores.new_zeros(scores.shape[:-2] + (1, scores.shape[-1]))
-    us, vs, _ = half_steps(iterations, row_lse, column_lse, u, v, support, tolerance)
-    return us[-1], vs[-1] if vs else v
+    steps = step_count(iterations, query_valid)
+    us, vs, _ = half_steps(steps, row_lse, column_lse, u, v, support, tolerance)
+    return final_row_potential(us, iterations, query_valid), vs[-1] if vs else v
 
 
 def log_sinkhorn(

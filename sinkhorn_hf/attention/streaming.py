@@ -8,7 +8,8 @@ softmax_k(S + 1bᵀ) with u' = -lse_k(S + b) one extra row step, so SDPA's outpu
 
 b is passed to SDPA without gradient; its gradient, the column sums of SDPA's dS, is
 Σ_q P_qk dO_q·(V_k - O_q) = V_k·dV_k - (Pᵀ D)_k with D_q = dO_q·O_q and P = exp(S + b + u'), one more pass over
-the blocks. It then flows back through the half-steps, whose contributions to dQ and dK are added in place to
+the blocks. (Rows outside the column marginals keep the extra row step for even K: they stay normalised.) It
+then flows back through the half-steps, whose contributions to dQ and dK are added in place to
 SDPA's. Extra memory beyond SDPA's own: two score blocks and O(K·N) iterates.
 """
 
@@ -41,7 +42,9 @@ def sdpa_mask(allowed: Tensor | None, bias: Tensor | None, key_bias: Tensor | No
 
 
 def _same_for_every_query(allowed: Tensor) -> Tensor:
-    if allowed.shape[-2] > 1 and bool((allowed == allowed[..., :1, :]).all()):
+    """allowed (..., 1, Lk) when its layout says it is one row for every query (a broadcast or expanded padding
+    mask); known from shape and strides alone, so no host synchronisation."""
+    if allowed.shape[-2] > 1 and allowed.stride(-2) == 0:
         return allowed[..., :1, :]
     return allowed
 
@@ -49,6 +52,19 @@ def _same_for_every_query(allowed: Tensor) -> Tensor:
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
     """Σ_d a ⊙ b per row, (..., L, D) -> (..., L, 1), without an (..., L, D) temporary."""
     return torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1)).squeeze(-1)
+
+
+def _log_rescale(us: list[Tensor], query_valid: Tensor | None) -> Tensor:
+    """log r = u_{K-1} - u' for even K; 0 on rows outside the column marginals, which keep the extra row step."""
+    log_rescale = us[-2] - us[-1]
+    return log_rescale if query_valid is None else log_rescale.masked_fill(~query_valid, 0.0)
+
+
+def _weights_row_potential(us: list[Tensor], iterations: int, query_valid: Tensor | None) -> Tensor:
+    """The row potential of the Sinkhorn weights (the extra row step of even K is SDPA's, not theirs)."""
+    if iterations % 2:
+        return us[-1]
+    return us[-2] if query_valid is None else torch.where(query_valid, us[-2], us[-1])
 
 
 def _zero_rows_without_mass(output: Tensor, allowed: Tensor | None) -> Tensor:
@@ -84,7 +100,7 @@ class StreamingSinkhornAttention(torch.autograd.Function):
         ctx.save_for_backward(query, key, value, bias, allowed, query_valid, *us, *vs, *frozen)
         output = inner.detach()
         if iterations % 2 == 0:
-            output = output * (us[-2] - us[-1]).exp()
+            output = output * _log_rescale(us, query_valid).exp()
         return _zero_rows_without_mass(output, allowed)
 
     @staticmethod
@@ -99,8 +115,10 @@ class StreamingSinkhornAttention(torch.autograd.Function):
         grad_output = _zero_rows_without_mass(grad_output, allowed)
         grad_us = [None] * n_us
         if iterations % 2 == 0:  # output = r ⊙ inner with log r = u_{K-1} - u'
-            rescale = (us[-2] - us[-1]).exp()
+            rescale = _log_rescale(us, query_valid).exp()
             grad_log_rescale = _rowdot(grad_output, inner.detach()) * rescale
+            if query_valid is not None:
+                grad_log_rescale = grad_log_rescale.masked_fill(~query_valid, 0.0)
             grad_us[-2], grad_us[-1] = grad_log_rescale, -grad_log_rescale
             grad_output = grad_output * rescale
         wanted = [leaf for leaf in leaves if leaf is not None and leaf.requires_grad]
@@ -120,7 +138,7 @@ class StreamingSinkhornAttention(torch.autograd.Function):
         row_sums = _rowdot(grad_output, inner.detach())
         column_sums = _rowdot(value, value_grad_for_bias).transpose(-1, -2)
         if options.settings.backward == "implicit":  # linearise at A = exp(S + u + v), as the dense route does
-            weights = blocks.plan(us[-1] if iterations % 2 else us[-2], vs[-1], column=False)
+            weights = blocks.plan(_weights_row_potential(us, iterations, query_valid), vs[-1], column=False)
             terms = implicit_terms(weights, row_sums, column_sums, blocks.support, options.solver)
             terms.append((softmax, -row_sums, None))  # SDPA already applied -P ⊙ D 1ᵀ
         else:
@@ -134,5 +152,5 @@ class StreamingSinkhornAttention(torch.autograd.Function):
             accumulator = torch.empty_like(blocks.scratch(0))
             for index, rows in enumerate(blocks.slices):
                 out = accumulator[..., : rows.stop - rows.start, :]
-                blocks.contract(index, grad_block(terms, index, out), targets)
+                blocks.contract(index, grad_block(terms, index, out, rows), targets)
         return targets["query"], targets["key"], grad_value, targets["bias"], None, None, None
