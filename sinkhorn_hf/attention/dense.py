@@ -96,7 +96,8 @@ class DenseSinkhornAttention(torch.autograd.Function):
         iterations = options.settings.iterations
         us, vs, frozen = block_half_steps(blocks, step_count(iterations, query_valid), options.settings.tolerance)
         final = blocks.plan(final_row_potential(us, iterations, query_valid), vs[-1] if vs else 0.0, column=False)
-        out = torch.empty_like(blocks.scratch(0)) if options.return_weights else WORKSPACE.get("weights", blocks.scratch(0))
+        like = blocks.scratch(0)
+        out = torch.empty_like(like) if options.return_weights else WORKSPACE.get("weights", like)
         weights = final.block(0, out)
         keep = None
         if options.dropout > 0:

@@ -41,6 +41,11 @@ def weights_like(tensors, seed=1):
 BLOCKS = pytest.mark.parametrize("block_size", [None, 3, 1], ids=["dense", "blocks3", "blocks1"])
 
 
+def block_grads(terms, blocks):
+    """dS of the terms on every score block."""
+    return [grad_block(terms, i, blocks.scratch(i).clone(), rows) for i, rows in enumerate(blocks.slices)]
+
+
 @BLOCKS
 @pytest.mark.parametrize("steps", [1, 2, 3, 4, 5])
 def test_iterates_match_the_reference(steps, block_size):
@@ -70,7 +75,7 @@ def _sweep_gradient(q, k, bias, allowed, query_valid, steps, block_size, toleran
     us, vs, frozen = block_half_steps(blocks, steps, tolerance)
     grad_us, grad_vs = weights_like(us, seed), weights_like(vs, seed + 1)
     terms = unrolled_terms(step_plans(blocks.plan, us, vs, blocks.log_target), frozen, grad_us, grad_vs, blocks.support)
-    mine = torch.cat([grad_block(terms, i, blocks.scratch(i).clone(), blocks.slices[i]) for i in range(len(blocks.slices))], -2)
+    mine = torch.cat(block_grads(terms, blocks), -2)
     expected_us, expected_vs = reference_iterates(scores, allowed, query_valid, steps, tolerance)
     loss = sum((a * w).sum() for a, w in zip(expected_us + expected_vs, grad_us + grad_vs, strict=True))
     return mine, torch.autograd.grad(loss, scores)[0], vs
@@ -109,7 +114,7 @@ def test_implicit_terms_are_the_converged_gradient(block_size):
     dense = torch.where(allowed, q @ k.transpose(-1, -2) * SCALE + bias + us[-1] + vs[-1], MASKED_LOGIT).exp()
     direct = dense * weights  # d(plan)/d(log plan), before the potentials' own dependence on S
     terms = implicit_terms(final, direct.sum(-1, keepdim=True), direct.sum(-2, keepdim=True), blocks.support, EXACT)
-    mine = direct + torch.cat([grad_block(terms, i, blocks.scratch(i).clone(), blocks.slices[i]) for i in range(len(blocks.slices))], -2)
+    mine = direct + torch.cat(block_grads(terms, blocks), -2)
     torch.testing.assert_close(mine, expected, rtol=0, atol=1e-6 * expected.abs().max())
 
 
@@ -124,5 +129,5 @@ def test_fully_masked_row_keeps_zero_potential_and_finite_gradient():
         assert all(torch.all(u[..., 2, :] == 0) for u in us)
         plans = step_plans(blocks.plan, us, vs, blocks.log_target)
         terms = unrolled_terms(plans, frozen, weights_like(us), weights_like(vs), blocks.support)
-        grads = [grad_block(terms, i, blocks.scratch(i).clone(), blocks.slices[i]) for i in range(len(blocks.slices))]
+        grads = block_grads(terms, blocks)
         assert all(torch.isfinite(g).all() for g in grads)
