@@ -69,9 +69,15 @@ def export_onnx(
     with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as scratch:
         staged = Path(scratch) / output.name
         try:
-            program = torch.onnx.export(
-                model, (), kwargs=sample, dynamo=True, dynamic_shapes=dynamic_shapes, output_names=list(output_names)
-            )
+            with torch.no_grad():  # an inference graph
+                program = torch.onnx.export(
+                    model,
+                    (),
+                    kwargs=sample,
+                    dynamo=True,
+                    dynamic_shapes=dynamic_shapes,
+                    output_names=list(output_names),
+                )
             program.save(staged)
         except Exception as error:  # torch.export raises many types; the first lines say what failed
             raise ExportError(f"torch.onnx.export of {source} failed: {_first_lines(error)}") from error
