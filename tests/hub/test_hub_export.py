@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from hub_helpers import save_tiny_bert
 from tiny_models import make_tiny
 
 import sinkhorn_hf  # noqa: F401
@@ -73,3 +74,34 @@ def test_export_command_writes_a_checked_file(saved_sinkhorn, tmp_path, capsys):
         main(["export", str(saved_sinkhorn), str(target)])
     assert main(["export", str(saved_sinkhorn), str(target), "--overwrite"]) == 0
     assert json.loads((saved_sinkhorn / "config.json").read_text())["attn_implementation"] == "sinkhorn"
+
+
+def test_sentence_transformers_round_trip(tmp_path):
+    """sentence-transformers passes config= to from_pretrained: sinkhorn_* settings in model_kwargs must still land."""
+    st = pytest.importorskip("sentence_transformers")
+    models = pytest.importorskip("sentence_transformers.models")
+    source = save_tiny_bert(tmp_path / "bert")
+    kwargs = {"attn_implementation": "sinkhorn", "sinkhorn_iterations": 5}
+    word = models.Transformer(str(source), model_kwargs=kwargs)
+    model = st.SentenceTransformer(modules=[word, models.Pooling(word.get_embedding_dimension())])
+    bert = word.auto_model
+    assert bert.config._attn_implementation == "sinkhorn" and bert.config.sinkhorn_iterations == 5
+    sentences = ["a b c d", "e f", "a c e g h"]
+    before = model.encode(sentences, convert_to_tensor=True)
+    features = model.tokenize(sentences)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    for _ in range(3):  # fine-tune a few steps: pull the first two embeddings together
+        embeddings = model(dict(features))["sentence_embedding"]
+        loss = 1 - torch.nn.functional.cosine_similarity(embeddings[0], embeddings[1], dim=0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    after = model.encode(sentences, convert_to_tensor=True)
+    assert not torch.allclose(before, after, atol=1e-4)
+    model.save(str(tmp_path / "st"))
+    reloaded = st.SentenceTransformer(str(tmp_path / "st"))
+    assert reloaded[0].auto_model.config._attn_implementation == "sinkhorn"
+    assert reloaded[0].auto_model.config.sinkhorn_iterations == 5
+    torch.testing.assert_close(reloaded.encode(sentences, convert_to_tensor=True), after, atol=1e-5, rtol=0)
