@@ -41,34 +41,31 @@ def _loss_and_grads(model, inputs, valid):
     return hidden.detach(), [g for g in grads if g is not None]
 
 
+def _one_graph_equal_to_eager(tiny) -> GraphCapture:
+    """Trace ``tiny.model`` with fullgraph=True; check one graph and eager's output within 1e-5."""
+    torch._dynamo.reset()
+    capture = GraphCapture()
+    compiled = torch.compile(tiny.model, backend=capture, fullgraph=True)
+    with torch.no_grad():
+        out = compiled(**tiny.inputs).last_hidden_state
+        torch.testing.assert_close(out, tiny.model(**tiny.inputs).last_hidden_state, atol=1e-5, rtol=0)
+    assert len(capture.graphs) == 1
+    torch._dynamo.reset()
+    return capture
+
+
 def test_k1_compiles_to_one_graph_with_the_sdpa_calls_of_the_sdpa_model():
     torch._dynamo.reset()
     counts = {}
     for implementation in ("sdpa", "sinkhorn"):
-        tiny = _model("bert", implementation, 1, "dense")
-        capture = GraphCapture()
-        compiled = torch.compile(tiny.model, backend=capture, fullgraph=True)
-        with torch.no_grad():
-            out = compiled(**tiny.inputs).last_hidden_state
-            torch.testing.assert_close(out, tiny.model(**tiny.inputs).last_hidden_state, atol=1e-5, rtol=0)
-        assert len(capture.graphs) == 1
-        counts[implementation] = capture.sdpa_calls()
-        torch._dynamo.reset()
+        counts[implementation] = _one_graph_equal_to_eager(_model("bert", implementation, 1, "dense")).sdpa_calls()
     assert counts["sinkhorn"] == counts["sdpa"] == 2  # one per layer
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("route", sorted(ROUTES))
 def test_k3_traces_to_one_graph(route):
-    torch._dynamo.reset()
-    tiny = _model("bert", "sinkhorn", 3, route)
-    capture = GraphCapture()
-    compiled = torch.compile(tiny.model, backend=capture, fullgraph=True)
-    with torch.no_grad():
-        out = compiled(**tiny.inputs).last_hidden_state
-    torch.testing.assert_close(out, tiny.model(**tiny.inputs).last_hidden_state, atol=1e-5, rtol=0)
-    assert len(capture.graphs) == 1
-    torch._dynamo.reset()
+    _one_graph_equal_to_eager(_model("bert", "sinkhorn", 3, route))
 
 
 @pytest.mark.slow
