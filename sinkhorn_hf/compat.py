@@ -75,17 +75,31 @@ _CONFIG_ATTN = _declare(
 _CONFIG_TO_DICT = _declare(
     "transformers", "PreTrainedConfig.to_dict", "wrapped so that saved configs keep attn_implementation"
 )
+_FROM_PRETRAINED = _declare(
+    "transformers",
+    "PreTrainedModel.from_pretrained",
+    "wrapped (as a classmethod) so that sinkhorn_* keyword arguments reach an explicitly passed config",
+)
 _PATCHED = "_sinkhorn_guard"  # marks our wrappers, so that patching twice wraps once
 
 
-def output_collector_var():
-    """The ContextVar of transformers' output collector (its value: the names of the outputs being recorded)."""
-    return _resolve(_OUTPUT_COLLECTOR)
+_output_collector = None  # set by warm_output_collector()
+
+
+def warm_output_collector() -> None:
+    """Resolve transformers' output collector now, outside compiled code: resolving imports a module, which
+    torch.compile cannot trace. Its value is a ``CompileableContextVar`` (a ContextVar in eager mode, a global
+    while torch.compile traces), so reading it compiles."""
+    global _output_collector
+    _output_collector = _resolve(_OUTPUT_COLLECTOR)
 
 
 def active_output_collector():
-    """The output collector of the forward pass now running (falsy when none records outputs)."""
-    return output_collector_var().get()
+    """The output collector of the forward pass now running (falsy when none records outputs): the names of the
+    outputs being recorded."""
+    if _output_collector is None:
+        warm_output_collector()
+    return _output_collector.get()
 
 
 def can_set_attn_implementation(model_class: type) -> bool:
@@ -138,6 +152,24 @@ def patch_config_to_dict(extend: Callable[[Any, dict], None]) -> None:
         return wrapper
 
     _patch_once(PreTrainedConfig, "to_dict", wrap)
+
+
+def patch_from_pretrained_kwargs(adjust: Callable[[dict], None]) -> None:
+    """Let ``adjust(kwargs)`` edit the keyword arguments of every ``PreTrainedModel.from_pretrained`` call (Auto
+    classes end there too) before transformers reads them. Idempotent."""
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.__dict__["from_pretrained"].__func__
+    if getattr(original, _PATCHED, False):
+        return
+
+    @functools.wraps(original)
+    def wrapper(cls, *args, **kwargs):
+        adjust(kwargs)
+        return original(cls, *args, **kwargs)
+
+    setattr(wrapper, _PATCHED, True)
+    PreTrainedModel.from_pretrained = classmethod(wrapper)
 
 
 def set_config_class_defaults(defaults: dict[str, Any]) -> None:

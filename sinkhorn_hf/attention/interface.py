@@ -1,10 +1,20 @@
 """``attn_implementation="sinkhorn"``: the transformers attention function, its mask function, and the
-guards that make the name safe to use (supported families only, persisted on save)."""
+guards that make the name safe to use (supported families only, encoders only, persisted on save, settings
+accepted by ``from_pretrained`` even next to an explicit ``config=``).
+
+Masks: Sinkhorn normalises columns too, so it must know which *queries* are real. transformers hands an attention
+function key masks only, so in self-attention a query counts as padding exactly when the key at its position is
+blocked for every query; padding masks (what ``attention_mask`` is for) satisfy this. A custom 4D mask that blocks
+some key for every query while its query is real must say so: pass ``sinkhorn_query_mask`` (B, Lq) bool, True =
+real query, to the model's forward (it reaches every attention layer through transformers' forward kwargs).
+"""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
+import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface, PreTrainedConfig, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -16,6 +26,15 @@ from .routes import sinkhorn_attention
 from .settings import SinkhornSettings
 
 ATTN_IMPLEMENTATION = "sinkhorn"
+QUERY_MASK_KWARG = "sinkhorn_query_mask"
+SETTING_ATTRIBUTES = tuple(f"sinkhorn_{field.name}" for field in dataclasses.fields(SinkhornSettings))
+# Saved next to attn_implementation: a process that never imported sinkhorn_hf gets transformers' bare
+# "not supported" error, and this key in config.json is what the user can read there.
+HINT_KEY = "sinkhorn_hf_hint"
+HINT = (
+    'attn_implementation="sinkhorn" is provided by the sinkhorn-hf package: `pip install sinkhorn-hf`, then '
+    "`import sinkhorn_hf` before from_pretrained"
+)
 
 
 class CausalSinkhornError(ValueError):
@@ -38,7 +57,33 @@ def sinkhorn_attention_forward(
     :mod:`.masking`). Returns the output (B, Lq, H, D) and, when ``output_attentions=True`` was passed to
     the model's forward, the attention matrices (B, H, Lq, Lk). Settings come from ``module.config``.
     """
-    is_causal = kwargs.get("is_causal")
+    _refuse_causal(module, kwargs.get("is_causal"))
+    settings = SinkhornSettings.from_config(module.config)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    support = None
+    if attention_mask is not None:  # without a mask, skip building an all-True (Lq, Lk) support
+        support = support_from_mask(attention_mask, query.shape[-2], key.shape[-2], query.device)
+    query_valid = _query_valid(kwargs.get(QUERY_MASK_KWARG), support, query.shape)
+    output, weights = sinkhorn_attention(
+        query,
+        key,
+        value,
+        allowed=None if support is None else support.allowed,
+        bias=None if support is None else support.bias,
+        query_valid=query_valid,
+        scale=scaling,
+        settings=settings,
+        dropout=dropout if module.training else 0.0,
+        return_weights=attentions_requested(kwargs),
+    )
+    output = output.transpose(1, 2).contiguous()
+    return output, None if weights is None else weights.to(query.dtype)
+
+
+def _refuse_causal(module: nn.Module, is_causal: bool | None) -> None:
+    """Raise CausalSinkhornError if this call is causal: by the call's flag, the module's, or its config's
+    ``is_decoder`` (which a user may set after loading; a flag read per call, never the mask's data)."""
     if is_causal is None:
         is_causal = getattr(module, "is_causal", False)
     if is_causal:
@@ -47,26 +92,27 @@ def sinkhorn_attention_forward(
             "lets future tokens change the past. Use it on bidirectional encoders only (for a composite model, "
             'pass e.g. attn_implementation={"vision_config": "sinkhorn", "text_config": "sdpa"}).'
         )
-    settings = SinkhornSettings.from_config(module.config)
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    support = None
-    if attention_mask is not None:  # without a mask, skip building an all-True (Lq, Lk) support
-        support = support_from_mask(attention_mask, query.shape[-2], key.shape[-2], query.device)
-    output, weights = sinkhorn_attention(
-        query,
-        key,
-        value,
-        allowed=None if support is None else support.allowed,
-        bias=None if support is None else support.bias,
-        query_valid=None if support is None else support.query_valid,
-        scale=scaling,
-        settings=settings,
-        dropout=dropout if module.training else 0.0,
-        return_weights=attentions_requested(kwargs),
-    )
-    output = output.transpose(1, 2).contiguous()
-    return output, None if weights is None else weights.to(query.dtype)
+    if getattr(module.config, "is_decoder", False):
+        raise CausalSinkhornError(
+            f"{type(module).__name__}'s config has is_decoder=True, so the model masks attention causally; sinkhorn "
+            "attention is for bidirectional encoders only, as column normalisation leaks future tokens into the "
+            "past. Set config.is_decoder = False, or use attn_implementation='sdpa' for a decoder."
+        )
+
+
+def _query_valid(query_mask: Tensor | None, support, query_shape: torch.Size) -> Tensor | None:
+    """Valid queries (B, 1, Lq, 1): the user's ``sinkhorn_query_mask`` (B, Lq) when given, else the mask's guess."""
+    if query_mask is None:
+        return None if support is None else support.query_valid
+    batch, _, q_len, _ = query_shape
+    if query_mask.dtype != torch.bool or query_mask.dim() != 2 or query_mask.shape[1] != q_len:
+        raise ValueError(
+            f"{QUERY_MASK_KWARG} must be a bool tensor (batch, query_len) = (B, {q_len}), True = real query; got "
+            f"{query_mask.dtype} of shape {tuple(query_mask.shape)}"
+        )
+    if query_mask.shape[0] not in (1, batch):
+        raise ValueError(f"{QUERY_MASK_KWARG} has batch size {query_mask.shape[0]}, the input {batch}")
+    return query_mask[:, None, :, None]
 
 
 def attentions_requested(kwargs: dict) -> bool:
@@ -104,6 +150,23 @@ def _persist_attn_implementation(config: PreTrainedConfig, output: dict) -> None
     fine-tuned Sinkformer would otherwise reload as SDPA without a word."""
     if compat.config_attn_implementation(config) == ATTN_IMPLEMENTATION:
         output["attn_implementation"] = ATTN_IMPLEMENTATION
+        output[HINT_KEY] = HINT
+    else:  # a Sinkhorn checkpoint switched back to another attention
+        output.pop(HINT_KEY, None)
+
+
+def _settings_into_given_config(kwargs: dict) -> None:
+    """``from_pretrained(..., config=cfg, sinkhorn_iterations=K)``: transformers hands keyword arguments to the
+    model's ``__init__`` (a TypeError) when ``config`` is an object, so set them on a copy of it (as transformers
+    does itself for the config it loads). sentence-transformers passes ``config=`` this way."""
+    config = kwargs.get("config")
+    if not isinstance(config, PreTrainedConfig) or not any(name in kwargs for name in SETTING_ATTRIBUTES):
+        return
+    config = copy.deepcopy(config)
+    for name in SETTING_ATTRIBUTES:
+        if name in kwargs:
+            setattr(config, name, kwargs.pop(name))
+    kwargs["config"] = config
 
 
 def register() -> None:
@@ -117,6 +180,8 @@ def register() -> None:
     compat.patch_attn_implementation_check(_check_sinkhorn_request)
     # class-level defaults make from_pretrained(..., sinkhorn_iterations=5) land in the config
     compat.set_config_class_defaults(
-        {f"sinkhorn_{name}": default for name, default in dataclasses.asdict(SinkhornSettings()).items()}
+        dict(zip(SETTING_ATTRIBUTES, dataclasses.astuple(SinkhornSettings()), strict=True))
     )
     compat.patch_config_to_dict(_persist_attn_implementation)
+    compat.patch_from_pretrained_kwargs(_settings_into_given_config)
+    compat.warm_output_collector()

@@ -56,13 +56,33 @@ class SinkhornSettings:
 
     @classmethod
     def from_config(cls, config: Any) -> SinkhornSettings:
-        """Read ``sinkhorn_*`` attributes of ``config``; missing ones take their defaults."""
-        return cls(**{field.name: getattr(config, f"sinkhorn_{field.name}", field.default) for field in fields(cls)})
+        """Read ``sinkhorn_*`` attributes of ``config``; missing ones take their defaults.
+
+        Called by every layer on every forward, so it only reads the attributes (a user may change them at any
+        time) and returns the settings built and validated once for those values: no dataclass machinery runs
+        per call, which also keeps ``torch.compile`` graphs whole.
+        """
+        values = tuple(getattr(config, attribute, default) for _, attribute, default in _CONFIG_FIELDS)
+        try:
+            key = tuple((type(value), value) for value in values)  # True == 1, but only one of them is valid
+            cached = _FROM_CONFIG.get(key)
+        except TypeError:  # an unhashable value (say a list): let validation name it
+            key, cached = None, None
+        if cached is None:
+            cached = cls(**{name: value for (name, _, _), value in zip(_CONFIG_FIELDS, values, strict=True)})
+            if key is not None:
+                _FROM_CONFIG[key] = cached
+        return cached
 
     def to_config(self, config: Any) -> None:
         """Write these settings onto ``config`` as ``sinkhorn_*`` attributes."""
         for name, value in asdict(self).items():
             setattr(config, f"sinkhorn_{name}", value)
+
+
+# (field name, config attribute, default) of every SinkhornSettings field, and the settings built per distinct value
+_CONFIG_FIELDS = tuple((field.name, f"sinkhorn_{field.name}", field.default) for field in fields(SinkhornSettings))
+_FROM_CONFIG: dict[tuple, SinkhornSettings] = {}
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 import copy
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -185,3 +187,130 @@ def test_user_4d_bool_mask_passes_through():
     attention = attentions[0]
     assert torch.all(attention[:, :, :3, 3:] == 0) and torch.all(attention[:, :, 3:, :3] == 0)
     torch.testing.assert_close(attention.sum(-2), torch.ones(3, 2, n), atol=1e-3, rtol=0)
+
+
+# --- settings read per forward, cached per value ------------------------------------------------------------------
+
+
+def test_settings_are_built_once_per_value_and_follow_the_config():
+    config = transformers.BertConfig()
+    first = sinkhorn_hf.SinkhornSettings.from_config(config)
+    assert sinkhorn_hf.SinkhornSettings.from_config(config) is first
+    config.sinkhorn_iterations = 5
+    assert sinkhorn_hf.SinkhornSettings.from_config(config).iterations == 5
+    config.sinkhorn_streaming = True
+    assert sinkhorn_hf.SinkhornSettings.from_config(config).streaming is True
+    config.sinkhorn_streaming = 1  # equal to True as a dict key, yet not a valid value
+    with pytest.raises(ValueError, match="sinkhorn_streaming must be one of"):
+        sinkhorn_hf.SinkhornSettings.from_config(config)
+    config.sinkhorn_block_size = [4]  # unhashable: validation names it
+    config.sinkhorn_streaming = "auto"
+    with pytest.raises(ValueError, match="sinkhorn_block_size must be"):
+        sinkhorn_hf.SinkhornSettings.from_config(config)
+
+
+@torch.no_grad()
+def test_iterations_set_after_loading_take_effect(tmp_path):
+    tiny = sharpen(make_tiny("bert", "sinkhorn"))
+    tiny.model.save_pretrained(tmp_path)
+    model = transformers.AutoModel.from_pretrained(tmp_path).eval()
+    at_three = model(**tiny.inputs).last_hidden_state
+    model.config.sinkhorn_iterations = 2
+    at_two = model(**tiny.inputs).last_hidden_state
+    reference = transformers.AutoModel.from_pretrained(tmp_path, sinkhorn_iterations=2).eval()
+    torch.testing.assert_close(at_two, reference(**tiny.inputs).last_hidden_state)
+    assert not torch.allclose(at_three[tiny.valid], at_two[tiny.valid], atol=1e-4)
+
+
+def test_decoder_flag_set_after_loading_is_refused_at_forward():
+    tiny = make_tiny("bert", "sinkhorn")
+    tiny.model.config.is_decoder = True
+    with pytest.raises(sinkhorn_hf.CausalSinkhornError, match="is_decoder=True"):
+        tiny.model(**tiny.inputs)
+
+
+def test_settings_reach_an_explicit_config(tmp_path):
+    make_tiny("bert", "sdpa").model.save_pretrained(tmp_path)
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    model = transformers.AutoModel.from_pretrained(
+        tmp_path, config=config, attn_implementation="sinkhorn", sinkhorn_iterations=5, sinkhorn_tolerance=1e-3
+    )
+    assert model.config._attn_implementation == "sinkhorn"
+    assert model.config.sinkhorn_iterations == 5 and model.config.sinkhorn_tolerance == 1e-3
+    assert config.sinkhorn_iterations == 3, "the caller's config object must not change"
+    with pytest.raises(ValueError, match="sinkhorn_iterations must be"):
+        transformers.AutoModel.from_pretrained(
+            tmp_path, config=config, attn_implementation="sinkhorn", sinkhorn_iterations=0
+        )
+
+
+# --- query validity: inferred from padding masks, or stated ----------------------------------------------------
+
+
+def _column_sums_with_blocked_key(**forward_kwargs):
+    tiny = make_tiny("bert", "sinkhorn")
+    tiny.model.config.sinkhorn_iterations = 101  # odd: rows exact; enough steps for columns within 1e-4
+    n = tiny.inputs["input_ids"].shape[1]
+    mask = torch.ones(3, 1, n, n, dtype=torch.bool)
+    mask[..., 2] = False  # key 2 blocked for every query, yet token 2 is a real query
+    with torch.no_grad():
+        out = tiny.model(tiny.inputs["input_ids"], attention_mask=mask, output_attentions=True, **forward_kwargs)
+    return out.attentions[0], n
+
+
+def test_blocked_key_counts_as_padded_query_by_default():
+    attention, n = _column_sums_with_blocked_key()
+    rows = torch.arange(n) != 2
+    # the documented rule: query 2 is left out of the column marginals, so the other rows are doubly stochastic
+    columns = attention[:, :, rows][..., rows].sum(-2)
+    torch.testing.assert_close(columns, torch.ones_like(columns), atol=1e-4, rtol=0)
+
+
+def test_query_mask_states_query_validity():
+    attention, n = _column_sums_with_blocked_key(sinkhorn_query_mask=torch.ones(3, 9, dtype=torch.bool))
+    columns = attention.sum(-2)  # every row counts: n_q / n_k = n / (n - 1) on the keys that carry mass
+    keys = torch.arange(n) != 2
+    torch.testing.assert_close(columns[..., keys], torch.full_like(columns[..., keys], n / (n - 1)), atol=1e-4, rtol=0)
+    assert torch.all(columns[..., 2] == 0)
+    torch.testing.assert_close(attention.sum(-1), torch.ones(3, 2, n), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "query_mask, message",
+    [
+        (torch.ones(3, 9), "must be a bool tensor"),
+        (torch.ones(3, 8, dtype=torch.bool), "must be a bool tensor"),
+        (torch.ones(2, 9, dtype=torch.bool), "batch size 2"),
+    ],
+)
+def test_bad_query_mask_is_refused(query_mask, message):
+    tiny = make_tiny("bert", "sinkhorn")
+    with pytest.raises(ValueError, match=message):
+        tiny.model(**tiny.inputs, sinkhorn_query_mask=query_mask)
+
+
+# --- a hint for processes that never imported sinkhorn_hf ------------------------------------------------------
+
+
+def test_saved_sinkhorn_config_carries_the_hint(tmp_path):
+    tiny = make_tiny("bert", "sinkhorn")
+    tiny.model.save_pretrained(tmp_path / "sinkhorn")
+    saved = json.loads((tmp_path / "sinkhorn" / "config.json").read_text())
+    assert "pip install sinkhorn-hf" in saved["sinkhorn_hf_hint"] and "import sinkhorn_hf" in saved["sinkhorn_hf_hint"]
+    model = transformers.AutoModel.from_pretrained(tmp_path / "sinkhorn")
+    model.set_attn_implementation("sdpa")
+    model.save_pretrained(tmp_path / "sdpa")
+    assert "sinkhorn_hf_hint" not in json.loads((tmp_path / "sdpa" / "config.json").read_text())
+
+
+@pytest.mark.slow
+def test_loading_without_import_fails_with_the_hint_in_config(tmp_path):
+    make_tiny("bert", "sinkhorn").model.save_pretrained(tmp_path)
+    script = (
+        "import sys, transformers\n"
+        "try:\n    transformers.AutoModel.from_pretrained(sys.argv[1])\n"
+        "except Exception as error:\n    print(type(error).__name__, error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert "sinkhorn" in result.stdout and "not supported" in result.stdout, result.stdout + result.stderr
+    assert "import sinkhorn_hf" in (tmp_path / "config.json").read_text()
