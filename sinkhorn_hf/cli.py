@@ -13,6 +13,7 @@ _COMMANDS = (
     "sinkhorn_hf.commands.convert",
     "sinkhorn_hf.commands.card",
     "sinkhorn_hf.commands.push",
+    "sinkhorn_hf.commands.export",
 )
 
 

@@ -94,12 +94,16 @@ def warm_output_collector() -> None:
     _output_collector = _resolve(_OUTPUT_COLLECTOR)
 
 
-def active_output_collector():
-    """The output collector of the forward pass now running (falsy when none records outputs): the names of the
-    outputs being recorded."""
+def output_collector_var():
+    """transformers' output collector variable (its value: the names of the outputs being recorded)."""
     if _output_collector is None:
         warm_output_collector()
-    return _output_collector.get()
+    return _output_collector
+
+
+def active_output_collector():
+    """The output collector of the forward pass now running (falsy when none records outputs)."""
+    return output_collector_var().get()
 
 
 def can_set_attn_implementation(model_class: type) -> bool:

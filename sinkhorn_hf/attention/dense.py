@@ -48,7 +48,8 @@ class Workspace:
         if torch.device(device).type != "cpu" or torch.compiler.is_compiling():  # compiled: inductor plans memory
             return torch.empty(shape, dtype=dtype, device=device)
         cache = self._local.__dict__.setdefault("buffers", {})
-        key = (purpose, tuple(shape), dtype)
+        # A buffer made under inference_mode is an inference tensor: autograd refuses it outside that mode.
+        key = (purpose, tuple(shape), dtype, torch.is_inference_mode_enabled())
         if key not in cache:
             cache[key] = torch.empty(shape, dtype=dtype, device=device)
         return cache[key]

@@ -321,6 +321,18 @@ def test_workspace_buffers_never_escape():
     torch.testing.assert_close(again, out, rtol=0, atol=0)
 
 
+def test_training_after_inference_mode_reuses_no_inference_buffer():
+    """encode() under inference_mode, then fine-tune (sentence-transformers' order): the dense route's cached
+    buffers from the inference call must not reach autograd."""
+    dense_module.WORKSPACE.clear()
+    inputs = case(seed=14)
+    with torch.inference_mode():
+        expected, _ = fast({k: v.detach() if torch.is_tensor(v) else v for k, v in inputs.items()}, 3)
+    out, _ = fast(inputs, 3)
+    torch.autograd.grad(out.square().sum(), inputs_of(inputs))
+    torch.testing.assert_close(out.detach(), expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("route", ROUTES)
 def test_autocast_does_not_lower_the_precision(route):
     c = case(seed=14, dtype=torch.float32)
