@@ -150,7 +150,7 @@ def finish_checkpoint(partial: Path, final: Path) -> None:
 
 def verify_checkpoint(path: Path) -> None:
     """Raise :class:`CheckpointError` naming the checkpoint and the file unless every file the manifest lists is
-    there with its size and sha256."""
+    there with its size and sha256, and no pickled custom state is there."""
     manifest_path = path / MANIFEST_FILE
     if not manifest_path.is_file():
         raise CheckpointError(
@@ -162,6 +162,12 @@ def verify_checkpoint(path: Path) -> None:
         entries = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in listed.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise CheckpointError(f"checkpoint {path}: {MANIFEST_FILE} is unreadable ({error!r})") from None
+    pickled = sorted(p.name for p in path.glob("custom_checkpoint_*.pkl"))
+    if pickled:
+        raise CheckpointError(
+            f"checkpoint {path} holds {', '.join(pickled)}: accelerate's pickled custom state, which sinkhorn_hf "
+            "never writes and does not load (a pickle can run any code); its trainer state is trainer_state.json"
+        )
     for name, (size, sha256) in entries.items():
         file = path / name
         if not file.is_file():
