@@ -11,6 +11,7 @@ import typing
 from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any, Literal
 
+from ..adjoint import DEFAULT_TOLERANCE
 from ..attention.settings import SinkhornSettings
 
 AttnImplementation = Literal["eager", "sdpa", "sinkhorn"]
@@ -26,6 +27,13 @@ SINKHORN_HELP = {
     "streaming_threshold": "with --sinkhorn_streaming auto: stream once the query or key length reaches this",
     "block_size": "queries per streaming block (none: scores half the size of Q)",
 }
+
+
+def require_at_least_one(**values: int | None) -> None:
+    """Raise ``--name must be >= 1`` for the first given (not None) value below 1."""
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}")
 
 
 def _parse_setting(text: str, hint: Any) -> Any:
@@ -103,6 +111,17 @@ class ModelArguments(SinkhornArguments):
     adjoint: AdjointScheme = field(
         default="off", metadata={"help": "adjoint (memory-free) residual stack scheme; off keeps plain backprop"}
     )
+    adjoint_tolerance: float = field(
+        default=DEFAULT_TOLERANCE,
+        metadata={"help": "largest relative error of a rebuilt layer input the adjoint accepts (auto: anchors beyond)"},
+    )
+    adjoint_probe_every: int | None = field(
+        default=None, metadata={"help": "re-check the adjoint's rebuild (auto: re-choose anchors) every N passes"}
+    )
+    adjoint_allow_inexact: bool = field(
+        default=False,
+        metadata={"help": "train on when euler/heun/momentum rebuild inputs beyond the tolerance (one warning)"},
+    )
     lora_r: int | None = field(default=None, metadata={"help": "LoRA rank; unset trains all weights"})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling alpha"})
     lora_dropout: float = field(default=0.1, metadata={"help": "dropout on the LoRA branch"})
@@ -123,6 +142,9 @@ class ModelArguments(SinkhornArguments):
         super().__post_init__()
         if self.lora_r is not None and self.lora_r < 1:
             raise ValueError(f"--lora_r must be >= 1 (leave it unset to train all weights), got {self.lora_r}")
+        if not self.adjoint_tolerance > 0:
+            raise ValueError(f"--adjoint_tolerance must be a positive number, got {self.adjoint_tolerance}")
+        require_at_least_one(adjoint_probe_every=self.adjoint_probe_every)
 
     @property
     def lora_targets(self) -> tuple[str, ...] | None:
@@ -194,19 +216,22 @@ class TrainerArguments:
                 raise ValueError(
                     f"--checkpointing_steps must be a positive integer or 'epoch', got {self.checkpointing_steps!r}"
                 )
-        positive = {
-            "per_device_train_batch_size": self.per_device_train_batch_size,
-            "per_device_eval_batch_size": self.per_device_eval_batch_size,
-            "gradient_accumulation_steps": self.gradient_accumulation_steps,
-            "num_train_epochs": self.num_train_epochs,
-            "logging_steps": self.logging_steps,
-        }
-        for name in ("max_train_steps", "eval_steps", "save_total_limit", "early_stopping_patience"):
-            if getattr(self, name) is not None:
-                positive[name] = getattr(self, name)
-        for name, value in positive.items():
-            if value < 1:
-                raise ValueError(f"--{name} must be >= 1, got {value}")
+        require_at_least_one(
+            **{
+                name: getattr(self, name)
+                for name in (
+                    "per_device_train_batch_size",
+                    "per_device_eval_batch_size",
+                    "gradient_accumulation_steps",
+                    "num_train_epochs",
+                    "logging_steps",
+                    "max_train_steps",
+                    "eval_steps",
+                    "save_total_limit",
+                    "early_stopping_patience",
+                )  # fmt: skip
+            }
+        )
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.warmup_ratio and self.num_warmup_steps:

@@ -57,7 +57,13 @@ def build_model(
     if model_args.adjoint != "off":
         from ..adjoint import enable_adjoint
 
-        enable_adjoint(model, scheme=model_args.adjoint)
+        enable_adjoint(
+            model,
+            scheme=model_args.adjoint,
+            tolerance=model_args.adjoint_tolerance,
+            probe_every=model_args.adjoint_probe_every,
+            allow_inexact=model_args.adjoint_allow_inexact,
+        )
     if model_args.lora_r is None:
         return model, None
     return apply_lora(

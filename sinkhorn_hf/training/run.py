@@ -7,7 +7,8 @@ Every script is ``main(TASK)``: a :class:`Task` says how to read its data argume
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from .arguments import ModelArguments, TrainerArguments
@@ -54,6 +55,20 @@ def label_config(label_names: Sequence[str] | None) -> dict[str, Any]:
     return {"num_labels": len(labels), "id2label": labels, "label2id": {v: k for k, v in labels.items()}}
 
 
+def run_settings(model_args: ModelArguments, data_args: Any) -> dict[str, Any]:
+    """Every model and data setting that changes what a run computes (the model, attention with every Sinkhorn
+    setting, adjoint, LoRA, data files and limits), for the fingerprint a resumed run must match. Local paths are
+    made absolute, so that a resume from another working directory matches."""
+
+    def plain(value: Any) -> Any:
+        return str(Path(value).resolve()) if isinstance(value, str) and Path(value).exists() else value
+
+    settings = {f"model.{f.name}": plain(getattr(model_args, f.name)) for f in fields(model_args)}
+    settings.update({f"model.sinkhorn_{k}": v for k, v in asdict(model_args.sinkhorn_settings).items()})
+    settings.update({f"data.{f.name}": plain(getattr(data_args, f.name)) for f in fields(data_args)})
+    return settings
+
+
 def run_task(task: Task, model_args: ModelArguments, data_args: Any, trainer_args: TrainerArguments) -> RunResults:
     """Fine-tune on ``task``; writes the model, its processor and results.json into ``--output_dir`` (and a
     card and a Hub upload with ``--push_to_hub``)."""
@@ -88,6 +103,7 @@ def run_task(task: Task, model_args: ModelArguments, data_args: Any, trainer_arg
         processing_class=processor,
         run_info=info,
         main_metric=data.main_metric,
+        run_settings=run_settings(model_args, data_args),
     )
     results = trainer.train()
     if trainer_args.push_to_hub and accelerator.is_main_process:

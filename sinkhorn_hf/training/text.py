@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,14 +23,20 @@ def check_columns(dataset: datasets.Dataset, needed: Sequence[str], where: str, 
 def encode_labels(
     dataset: datasets.Dataset, label_names: Sequence[str] | None, where: str, column: str = "label"
 ) -> datasets.Dataset:
-    """Labels as class ids (given as ids or as names in ``label_names``), or floats for regression (None)."""
+    """Labels as class ids (given as ids or as names in ``label_names``), or finite floats for regression (None)."""
 
-    def convert(value: str | int | float) -> int | float:
+    def convert(row: int, value: str | int | float) -> int | float:
         if label_names is None:
             try:
-                return float(value)
+                number = float(value)
             except ValueError as err:
                 raise ValueError(f"{where}: regression label {value!r} is not a number") from err
+            if not math.isfinite(number):
+                raise ValueError(
+                    f"{where}: row {row + 1} (counting data rows from 1) has the regression label {value!r}; "
+                    "labels must be finite numbers"
+                )
+            return number
         if isinstance(value, str) and value in label_names:
             return label_names.index(value)
         try:
@@ -42,7 +49,7 @@ def encode_labels(
         return index
 
     values = dataset[column]
-    converted = [convert(v) for v in values]
+    converted = [convert(row, v) for row, v in enumerate(values)]
     feature = datasets.Value("float32") if label_names is None else datasets.ClassLabel(names=list(label_names))
     return dataset.remove_columns(column).add_column("labels", converted, feature=feature)
 

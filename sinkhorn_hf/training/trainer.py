@@ -1,13 +1,18 @@
 """The fine-tuning loop, on ``accelerate.Accelerator`` (one CPU, one GPU, or many through ``accelerate launch``).
 
 Checkpoints hold everything a run needs to continue bit-for-bit: model, optimizer, scheduler and RNG states
-(``Accelerator.save_state``) and the loop position (:class:`~.checkpoints.TrainerState`). The data order of
+(``Accelerator.save_state``) and the loop position (:class:`~.checkpoints.TrainerState`, JSON). The data order of
 epoch e is a pure function of (seed, e), so a resumed run re-reads the epoch and skips the batches it had
-already consumed.
+already consumed. A resume refuses a checkpoint that is incomplete, damaged, or written under other settings.
+
+Nothing in a checkpoint is unpickled with code execution allowed: accelerate reads the optimizer, scheduler,
+sampler and RNG files with ``torch.load(weights_only=True)`` and the model from safetensors; its pickled
+custom-state slot (``custom_checkpoint_<i>.pkl``, read with ``weights_only=False``) is never used.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -20,22 +25,45 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import RNG_STATE_NAME, ProjectConfiguration, load, set_seed
 from peft import PeftModel
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from ..adjoint import adjoint_stacks, auto_choices, describe_adjoint, restore_auto_choices
 from .arguments import TrainerArguments
-from .checkpoints import TrainerState, checkpoint_dir, prune_checkpoints, resolve_checkpoint
+from .checkpoints import (
+    TRAINER_STATE_FILE,
+    CheckpointError,
+    TrainerState,
+    checkpoint_dir,
+    finish_checkpoint,
+    partial_dir,
+    prune_checkpoints,
+    remove_partial_checkpoints,
+    resolve_checkpoint,
+    verify_checkpoint,
+)
 from .metrics import EvalOutput, MetricFn
+from .output_lock import output_dir_lock
 from .results import RunInfo, RunResults, peak_memory_mb
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"  # where a LoRA run keeps its adapter; the run directory itself holds the merged model
 EXAMPLE_ID = "example_id"  # batch key naming the example a row belongs to; gathered, never fed to the model
+# TrainerArguments that change what a run computes: a resume must have the same (the computed schedule is added).
+RESUME_SETTINGS = (
+    "learning_rate", "weight_decay", "lr_scheduler_type", "num_warmup_steps", "warmup_ratio", "max_grad_norm",
+    "seed", "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_train_steps",
+    "early_stopping_patience", "early_stopping_threshold", "metric_for_best_model", "greater_is_better",
+)  # fmt: skip
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became inf or NaN."""
 
 
 def make_accelerator(args: TrainerArguments) -> Accelerator:
@@ -84,6 +112,8 @@ class Trainer:
     ``eval_datasets`` maps a key suffix to a dataset: ``""`` is the main evaluation set, its metrics keep
     their names; any other (e.g. ``"_mm"`` for MNLI mismatched) gets its suffix appended to the metric names.
     Batches are dicts for the model's forward with ``labels``, plus optionally ``example_id``.
+    ``run_settings`` (e.g. :func:`~.run.run_settings`: model, attention, adjoint, LoRA, data) join the trainer's
+    own settings in the fingerprint a resumed run must match.
     """
 
     def __init__(
@@ -99,6 +129,7 @@ class Trainer:
         processing_class: Any = None,
         run_info: RunInfo,
         main_metric: str | None = None,
+        run_settings: Mapping[str, Any] | None = None,
     ) -> None:
         if "" not in eval_datasets:
             raise ValueError('eval_datasets needs the main evaluation set under the key ""')
@@ -115,6 +146,10 @@ class Trainer:
             raise ValueError("early stopping needs --metric_for_best_model")
         self.state = TrainerState()
         self.model = model
+        self.run_settings = dict(run_settings or {})
+        # The adjoint's stacks are named by their path in the model enable_adjoint got: under LoRA, the base model.
+        self.adjoint_model = model.get_base_model() if isinstance(model, PeftModel) else model
+        self.adjoint_on = any(stack.scheme != "off" for stack in adjoint_stacks(self.adjoint_model))
 
     # ---------------------------------------------------------------- set-up
     def _prepare(self) -> None:
@@ -154,30 +189,47 @@ class Trainer:
             num_training_steps=self.max_steps * acc.num_processes,
         )
         self.scheduler = acc.prepare(scheduler)
-        acc.register_for_checkpointing(self.state)
         self.state.fingerprint = {
+            **self.run_settings,
+            **{name: getattr(args, name) for name in RESUME_SETTINGS},
+            "mixed_precision": acc.mixed_precision,
             "max_steps": self.max_steps,
             "steps_per_epoch": self.steps_per_epoch,
             "per_device_train_batch_size": args.per_device_train_batch_size,
             "gradient_accumulation_steps": args.gradient_accumulation_steps,
             "num_processes": acc.num_processes,
             "num_train_samples": len(self.train_dataset),
-            "seed": args.seed,
         }
 
     def _resume(self) -> None:
+        acc = self.accelerator
         path = resolve_checkpoint(self.args.resume_from_checkpoint, self.args.output_dir)
-        expected = dict(self.state.fingerprint)
-        self.accelerator.load_state(str(path))
+        verify_checkpoint(path)
+        saved = TrainerState.read(path / TRAINER_STATE_FILE)
+        expected = json.loads(json.dumps(self.state.fingerprint))  # as it reads back from JSON
+        names = [*expected, *(k for k in saved.fingerprint if k not in expected)]
         differences = {
-            k: (self.state.fingerprint.get(k), v) for k, v in expected.items() if self.state.fingerprint.get(k) != v
+            k: (saved.fingerprint.get(k), expected.get(k)) for k in names if saved.fingerprint.get(k) != expected.get(k)
         }
         if differences:
-            raise ValueError(
+            raise CheckpointError(
                 f"cannot resume from {path}: the run that wrote it differs in "
-                + ", ".join(f"{k} (checkpoint {old}, now {new})" for k, (old, new) in differences.items())
+                + ", ".join(f"{k} (checkpoint {old!r}, now {new!r})" for k, (old, new) in differences.items())
             )
-        self.accelerator.print(f"resumed from {path} at step {self.state.completed_steps}")
+        # accelerate skips an unreadable RNG state with an info line; a resume must not go on with fresh RNG.
+        rng_file = path / f"{RNG_STATE_NAME}_{acc.process_index}.pkl"
+        try:
+            load(rng_file)
+        except Exception as error:
+            raise CheckpointError(f"checkpoint {path}: cannot read {rng_file.name}: {error}") from None
+        try:
+            acc.load_state(str(path))
+        except Exception as error:
+            raise CheckpointError(f"cannot load checkpoint {path}: {type(error).__name__}: {error}") from error
+        self.state = saved
+        if saved.adjoint_auto_choices:
+            restore_auto_choices(self.adjoint_model, saved.adjoint_auto_choices)
+        acc.print(f"resumed from {path} at step {self.state.completed_steps}")
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self) -> dict[str, float]:
@@ -228,17 +280,46 @@ class Trainer:
             state.stopped_early = state.evals_without_improvement >= self.args.early_stopping_patience
 
     def _save_checkpoint(self) -> None:
+        """Write the checkpoint of this step into a partial folder, then (main process) its trainer state and
+        manifest, and rename it into place."""
+        acc, state = self.accelerator, self.state
         self._pause_clock()
-        self.state.last_checkpoint_step = self.state.completed_steps
-        self.accelerator.save_state(str(checkpoint_dir(self.args.output_dir, self.state.completed_steps)))
-        if self.accelerator.is_main_process:
+        state.last_checkpoint_step = state.completed_steps
+        state.adjoint_auto_choices = auto_choices(self.adjoint_model) if self.adjoint_on else {}
+        final = checkpoint_dir(self.args.output_dir, state.completed_steps)
+        if acc.is_main_process:
+            remove_partial_checkpoints(self.args.output_dir)  # left by a run killed while writing one
+        acc.wait_for_everyone()
+        acc.save_state(str(partial_dir(final)))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state.write(partial_dir(final) / TRAINER_STATE_FILE)
+            finish_checkpoint(partial_dir(final), final)
             prune_checkpoints(self.args.output_dir, self.args.save_total_limit)
-        self.accelerator.wait_for_everyone()
+        acc.wait_for_everyone()
         self._clock = time.perf_counter()
+
+    def _check_loss(self, running_loss: torch.Tensor) -> None:
+        """Stop, before anything is evaluated or saved, once the loss of this step is inf/NaN on any process."""
+        if bool(torch.isfinite(self.accelerator.gather(running_loss)).all()):
+            return
+        state = self.state
+        last = state.last_checkpoint_step
+        kept = f"the last good checkpoint is {checkpoint_dir(self.args.output_dir, last)}" if last else "no checkpoint"
+        raise NonFiniteLossError(
+            f"the training loss is not finite (inf/NaN) at step {state.completed_steps} (epoch {state.epoch}); "
+            f"training stopped without saving this step ({kept}). Lower --learning_rate or --max_grad_norm, "
+            "check the data, or use --mixed_precision no."
+        )
 
     # ---------------------------------------------------------------- training
     def train(self) -> RunResults:
-        """Train to ``max_steps`` (or early stop), evaluate, save model and results.json; return the results."""
+        """Train to ``max_steps`` (or early stop), evaluate, save model and results.json; return the results.
+        The output directory is locked for the run (:mod:`.output_lock`)."""
+        with output_dir_lock(self.args.output_dir, enabled=self.accelerator.is_main_process):
+            return self._train()
+
+    def _train(self) -> RunResults:
         args, acc = self.args, self.accelerator
         self._prepare()
         if args.resume_from_checkpoint:
@@ -252,6 +333,7 @@ class Trainer:
             total=self.max_steps, initial=state.completed_steps, desc="train", disable=not acc.is_local_main_process
         )
         running_loss, running_batches = torch.zeros((), device=acc.device), 0
+        first_step = state.completed_steps + 1  # of this process: the adjoint's choice is printed after it
         self._clock = time.perf_counter()
         self.model.train()
         while state.epoch < self.num_epochs and not self._done():
@@ -276,6 +358,9 @@ class Trainer:
                 if not acc.sync_gradients:
                     continue
                 state.completed_steps += 1
+                self._check_loss(running_loss)
+                if self.adjoint_on and state.completed_steps == first_step:
+                    acc.print(f"adjoint: {describe_adjoint(self.adjoint_model)}")
                 progress.update(1)
                 if state.completed_steps % args.logging_steps == 0:
                     mean_loss = acc.gather(running_loss).mean().item() / running_batches

@@ -110,8 +110,8 @@ def test_adjoint_checkpoint_scheme_trains_like_plain_backprop(tiny_bert, rte_fil
 
     enable, attached = sinkhorn_hf.adjoint.enable_adjoint, []
 
-    def spy(model, scheme):
-        stacks = enable(model, scheme=scheme)
+    def spy(model, scheme, **kwargs):
+        stacks = enable(model, scheme=scheme, **kwargs)
         attached.append((scheme, stacks))
         return stacks
 

@@ -14,7 +14,14 @@ from sinkhorn_hf.training.arguments import ModelArguments, TrainerArguments
 from sinkhorn_hf.training.checkpoints import list_checkpoints
 from sinkhorn_hf.training.modeling import build_model, load_config
 from sinkhorn_hf.training.results import RunInfo, RunResults
-from sinkhorn_hf.training.tasks.glue import GLUE_TASKS, compute_glue_metrics, load_glue_file, tokenize
+from sinkhorn_hf.training.run import run_settings
+from sinkhorn_hf.training.tasks.glue import (
+    GLUE_TASKS,
+    GlueDataArguments,
+    compute_glue_metrics,
+    load_glue_file,
+    tokenize,
+)
 from sinkhorn_hf.training.trainer import Trainer, make_accelerator
 
 
@@ -32,7 +39,13 @@ class CrashAfter:
 
 
 def make_trainer(
-    model_dir: Path, files: tuple[Path, Path], out: Path, crash_after: int | None = None, attn="sinkhorn", **overrides
+    model_dir: Path,
+    files: tuple[Path, Path],
+    out: Path,
+    crash_after: int | None = None,
+    attn="sinkhorn",
+    model_settings: dict | None = None,
+    **overrides,
 ):
     settings = dict(
         output_dir=str(out), per_device_train_batch_size=8, learning_rate=3e-3, num_train_epochs=5, seed=7,
@@ -44,7 +57,8 @@ def make_trainer(
     task = GLUE_TASKS["sst2"]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train, dev = (tokenize(load_glue_file(str(f), task), task, tokenizer, 32) for f in files)
-    model_args = ModelArguments(model_name_or_path=str(model_dir), attn_implementation=attn)
+    model_args = ModelArguments(model_name_or_path=str(model_dir), attn_implementation=attn, **(model_settings or {}))
+    data_args = GlueDataArguments(task_name="sst2", train_file=str(files[0]), validation_file=str(files[1]))
     model, _ = build_model(model_args, load_config(model_args, num_labels=2), AutoModelForSequenceClassification)
     collator = DataCollatorWithPadding(tokenizer)
     return Trainer(
@@ -58,6 +72,7 @@ def make_trainer(
         processing_class=tokenizer,
         run_info=RunInfo(model_name_or_path=str(model_dir), command="pytest", task_name="sst2"),
         main_metric="accuracy",
+        run_settings=run_settings(model_args, data_args),
     )
 
 

@@ -14,8 +14,8 @@ from typing import Any
 import datasets
 import numpy as np
 
-from ..arguments import ModelArguments
-from ..files import load_table, read_header, table_format
+from ..arguments import ModelArguments, require_at_least_one
+from ..files import load_hub_dataset, load_table, read_header, table_format
 from ..metrics import EvalOutput, MetricFn
 from ..run import Task, TaskData
 from ..text import check_columns, encode_labels, load_tokenizer, subsample, text_collator
@@ -119,6 +119,7 @@ class GlueDataArguments:
             raise ValueError("give both --train_file and --validation_file (or neither, to load nyu-mll/glue)")
         if self.validation_mismatched_file is not None and self.task_name != "mnli":
             raise ValueError("--validation_mismatched_file is for --task_name mnli only")
+        require_at_least_one(max_train_samples=self.max_train_samples, max_eval_samples=self.max_eval_samples)
 
     @property
     def local_files(self) -> dict[str, str]:
@@ -165,7 +166,7 @@ def load_glue(data_args: GlueDataArguments) -> dict[str, datasets.Dataset]:
     task = GLUE_TASKS[data_args.task_name]
     if data_args.local_files:
         return {split: load_glue_file(path, task) for split, path in data_args.local_files.items()}
-    hub = datasets.load_dataset(HUB_DATASET, task.name)
+    hub = load_hub_dataset(HUB_DATASET, task.name, local_flags="--train_file and --validation_file")
     return {
         split: hub[split].select_columns([*task.text_columns, "label"]).rename_column("label", "labels")
         for split in ("train", *task.validation_splits)

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..arguments import ModelArguments
+from ..arguments import ModelArguments, require_at_least_one
+from ..files import load_hub_dataset
 from ..metrics import EvalOutput, classification_metrics
 from ..run import Task, TaskData
 from ..text import subsample
@@ -50,6 +51,7 @@ class ImageDataArguments:
             raise ValueError("--validation_file goes with --train_file")
         if not 0.0 < self.train_val_split < 1.0:
             raise ValueError(f"--train_val_split must be in (0, 1), got {self.train_val_split}")
+        require_at_least_one(max_train_samples=self.max_train_samples, max_eval_samples=self.max_eval_samples)
 
     @property
     def source(self) -> str | list[str]:
@@ -102,7 +104,11 @@ def _from_folders(args: ImageDataArguments) -> Splits:
 
 
 def _from_hub(args: ImageDataArguments) -> Splits:
-    hub = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
+    hub = load_hub_dataset(
+        args.dataset_name,
+        args.dataset_config_name,
+        local_flags="--train_dir/--validation_dir (image folders) or --train_file/--validation_file (.npz)",
+    )
     split = next((s for s in ("validation", "test") if s in hub), None)
     return hub["train"], hub[split] if split else None, split or ""
 

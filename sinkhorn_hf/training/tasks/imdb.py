@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 import datasets
 
-from ..arguments import ModelArguments
-from ..files import load_table
+from ..arguments import ModelArguments, require_at_least_one
+from ..files import load_hub_dataset, load_table
 from ..metrics import EvalOutput, classification_metrics
 from ..run import Task, TaskData
 from ..text import check_columns, encode_labels, load_tokenizer, subsample, text_collator
@@ -42,12 +42,13 @@ class ImdbDataArguments:
             raise ValueError(f"--max_length must be >= 8, got {self.max_length}")
         if not 0 <= self.doc_stride < self.max_length // 2:
             raise ValueError(f"--doc_stride must be in [0, max_length/2), got {self.doc_stride}")
+        require_at_least_one(max_train_samples=self.max_train_samples, max_eval_samples=self.max_eval_samples)
 
 
 def load_imdb(data_args: ImdbDataArguments) -> dict[str, datasets.Dataset]:
     """``train`` and ``test`` with columns text and labels (0 = negative, 1 = positive)."""
     if data_args.train_file is None:
-        hub = datasets.load_dataset(data_args.dataset_name)
+        hub = load_hub_dataset(data_args.dataset_name, local_flags="--train_file and --validation_file")
         return {
             split: hub[split].select_columns(["text", "label"]).rename_column("label", "labels")
             for split in ("train", "test")
