@@ -112,11 +112,16 @@ class MarginalTracker:
         attentions = self.attentions_fn(self.model, batch)
         report = marginal_report(attentions, valid)
         layers = [
-            {"layer": row["layer"], "softmax_column_std": row["column_std"], "softmax_column_error": row["column_error"]}
+            {
+                "layer": row["layer"],
+                "softmax_column_std": row["column_std"],
+                "softmax_column_error": row["column_error"],
+            }
             for row in report.summary()
         ]
         if self._sinkhorn():
-            for layer, row in zip(layers, marginal_report(_own_attentions(self.model, batch), valid).summary()):
+            own = marginal_report(_own_attentions(self.model, batch), valid).summary()
+            for layer, row in zip(layers, own, strict=True):
                 layer["sinkhorn_column_error"] = row["column_error"]
         record = {
             "step": int(step),

@@ -56,7 +56,7 @@ def test_tracker_equals_diagnose_and_brute_force_on_a_padded_batch():
     # the picture's curve: quantiles of the column sums at the valid columns only (3 examples × 2 heads)
     quantiles = record["column_sum_quantiles"]
     assert len(quantiles) == 3 and all(len(q) == QUANTILES for q in quantiles)
-    assert all(a <= b for q in quantiles for a, b in zip(q, q[1:]))
+    assert all(a <= b for q in quantiles for a, b in zip(q[:-1], q[1:], strict=True))
     assert tiny.model.config._attn_implementation == "eager" and not tiny.model.training
 
 
@@ -121,7 +121,9 @@ def test_callback_inside_transformers_trainer(tmp_path):
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(5, 99, (16, 9), generator=generator)
     mask = (torch.arange(9)[None] < torch.randint(4, 10, (16, 1), generator=generator)).long()
-    dataset = [{"input_ids": ids[i] * mask[i], "attention_mask": mask[i], "labels": int(ids[i, 0] % 2)} for i in range(16)]
+    dataset = [
+        {"input_ids": ids[i] * mask[i], "attention_mask": mask[i], "labels": int(ids[i, 0] % 2)} for i in range(16)
+    ]
     eval_batch = {"input_ids": ids[:5] * mask[:5], "attention_mask": mask[:5]}
     callback = AttentionMarginalsCallback(eval_batch, every_n_steps=2, output_dir=tmp_path / "marginals")
     args = TrainingArguments(
