@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from reproduce_sinkformers import write_json
+
 SCHEMES = ("off", "checkpoint", "euler", "heun", "auto")
 TEST_BATCH = 1000
 _MIB = 2**20
@@ -154,13 +156,6 @@ def train_run(run: dict, settings: dict, device_name: str) -> dict:
 
 def run_name(run: dict) -> str:
     return f"L{run['depth']}_{run['scheme']}_seed{run['seed']}"
-
-
-def write_json(path: Path, payload: dict | list) -> None:
-    """Atomic write: a temp sibling, then os.replace."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(temporary, path)
 
 
 def summarise(runs: list[dict]) -> list[dict]:

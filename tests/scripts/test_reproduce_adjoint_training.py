@@ -3,42 +3,21 @@ PNG, exact checkpointing trains the same model as exact backprop, a killed grid 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+@pytest.fixture
+def script(load_script, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the runs' own processes
+    return load_script("reproduce_adjoint_training")
 
 
 @pytest.fixture
-def script(monkeypatch):
-    """The script as a module (scripts/ is not a package), with scripts/ importable for its data loading."""
-    monkeypatch.syspath_prepend(str(SCRIPTS))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    spec = importlib.util.spec_from_file_location(
-        "reproduce_adjoint_training", SCRIPTS / "reproduce_adjoint_training.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture
-def mnist_npz(tmp_path) -> Path:
-    """200 train and 50 test random 28×28 uint8 images in the Keras mnist.npz layout."""
-    rng = np.random.default_rng(0)
-    path = tmp_path / "tiny_mnist.npz"
-    np.savez(
-        path,
-        x_train=rng.integers(0, 256, (200, 28, 28), dtype=np.uint8),
-        y_train=rng.integers(0, 10, 200, dtype=np.uint8),
-        x_test=rng.integers(0, 256, (50, 28, 28), dtype=np.uint8),
-        y_test=rng.integers(0, 10, 50, dtype=np.uint8),
-    )
-    return path
+def mnist_npz(tiny_mnist) -> Path:
+    return tiny_mnist(200, 50)  # 2 training steps of 100
 
 
 def tiny_args(data: Path, out: Path, *extra: str) -> list[str]:

@@ -3,24 +3,15 @@ float64 reference and the model's own K = 1 attention; the MNIST loop writes rec
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
-
 
 @pytest.fixture
-def script(monkeypatch):
-    monkeypatch.syspath_prepend(str(SCRIPTS))
-    spec = importlib.util.spec_from_file_location("track_attention_drift", SCRIPTS / "track_attention_drift.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def script(load_script):
+    return load_script("track_attention_drift")
 
 
 def test_vit_softmax_attentions_match_float64_reference_and_the_model(script):
@@ -46,16 +37,8 @@ def test_vit_softmax_attentions_match_float64_reference_and_the_model(script):
     assert not torch.allclose(first, second)
 
 
-def test_mnist_loop_end_to_end(script, tmp_path):
-    rng = np.random.default_rng(0)
-    data = tmp_path / "tiny_mnist.npz"
-    np.savez(
-        data,
-        x_train=rng.integers(0, 256, (300, 28, 28), dtype=np.uint8),
-        y_train=rng.integers(0, 10, 300, dtype=np.uint8),
-        x_test=rng.integers(0, 256, (120, 28, 28), dtype=np.uint8),
-        y_test=rng.integers(0, 10, 120, dtype=np.uint8),
-    )
+def test_mnist_loop_end_to_end(script, tiny_mnist, tmp_path):
+    data = tiny_mnist(300, 120)
     out = tmp_path / "drift"
     argv = ["mnist", "--data", str(data), "--epochs", "1", "--every", "2", "--device", "cpu", "--out", str(out)]
     assert script.main(argv) == 0
