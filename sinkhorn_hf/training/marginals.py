@@ -163,7 +163,8 @@ def flat_metrics(record: dict, prefix: str = "attention_marginals") -> dict[str,
 
 def plot_drift(records: list[dict], path: str | Path, title: str = "") -> Path:
     """PNG of sorted SoftMax column sums across training: one panel per layer, one curve per tracked step
-    (colour = step), x = rank among the valid columns, y = column sum (1 everywhere = doubly stochastic)."""
+    (colour = step), x = rank among the valid columns, y = column sum (1 everywhere = doubly stochastic); a last
+    panel has each layer's column-sum std against the step."""
     if not records:
         raise ValueError("no tracked step to plot: call track() or maybe_track() first.")
     import matplotlib
@@ -172,17 +173,28 @@ def plot_drift(records: list[dict], path: str | Path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
 
     n_layers = len(records[0]["column_sum_quantiles"])
-    columns = min(n_layers, 3)
-    rows = -(-n_layers // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns + 1.2, 3.4 * rows), squeeze=False)
+    columns = min(n_layers + 1, 4)
+    rows = -(-(n_layers + 1) // columns)
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(4.4 * columns + 1.2, 3.6 * rows), squeeze=False, layout="constrained"
+    )
     colours = plt.get_cmap("viridis")
     steps = [record["step"] for record in records]
     norm = matplotlib.colors.Normalize(min(steps), max(max(steps), min(steps) + 1))
     ranks = torch.linspace(0, 1, QUANTILES).tolist()
-    for layer, ax in enumerate(axes.flat):
-        if layer >= n_layers:
-            ax.set_axis_off()
-            continue
+    panels = list(axes.flat)
+    for ax in panels[n_layers + 1 :]:
+        ax.set_axis_off()
+    spread = panels[n_layers]
+    for layer in range(n_layers):
+        spread.plot(steps, [record["layers"][layer]["softmax_column_std"] for record in records], marker=".", lw=1.2,
+                    label=f"layer {layer}")  # fmt: skip
+    spread.set_xlabel("training step")
+    spread.set_ylabel("std of column sums")
+    spread.set_title("spread vs step (0 = doubly stochastic)", fontsize=10)
+    spread.set_ylim(bottom=0)
+    spread.legend(fontsize=8)
+    for layer, ax in enumerate(panels[:n_layers]):
         for record in records:
             ax.plot(ranks, record["column_sum_quantiles"][layer], color=colours(norm(record["step"])), lw=1.2)
         first, last = records[0]["layers"][layer], records[-1]["layers"][layer]
@@ -192,7 +204,7 @@ def plot_drift(records: list[dict], path: str | Path, title: str = "") -> Path:
         )
         ax.set_xlabel("rank of column (fraction)")
         ax.set_ylabel("column sum")
-    figure.colorbar(matplotlib.cm.ScalarMappable(norm, colours), ax=axes, label="training step")
+    figure.colorbar(matplotlib.cm.ScalarMappable(norm, colours), ax=panels[:n_layers], label="training step")
     figure.suptitle(title or "SoftMax attention column sums during training (1 = doubly stochastic)", fontsize=11)
     path = Path(path)
     temporary = path.with_name(path.stem + ".tmp.png")
