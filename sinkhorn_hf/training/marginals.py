@@ -163,7 +163,8 @@ def flat_metrics(record: dict, prefix: str = "attention_marginals") -> dict[str,
 
 def plot_drift(records: list[dict], path: str | Path, title: str = "") -> Path:
     """PNG of sorted SoftMax column sums across training: one panel per layer, one curve per tracked step
-    (colour = step), x = rank among the valid columns, y = column sum (1 everywhere = doubly stochastic); a last
+    (colour = step), x = rank among the valid columns, y = column sum (1 everywhere = doubly stochastic; log scale
+    when some exceed 4); a last
     panel has each layer's column-sum std against the step."""
     if not records:
         raise ValueError("no tracked step to plot: call track() or maybe_track() first.")
@@ -199,6 +200,9 @@ def plot_drift(records: list[dict], path: str | Path, title: str = "") -> Path:
             ax.plot(ranks, record["column_sum_quantiles"][layer], color=colours(norm(record["step"])), lw=1.2)
         first, last = records[0]["layers"][layer], records[-1]["layers"][layer]
         ax.axhline(1.0, color="black", lw=0.8, ls="--")
+        values = [value for record in records for value in record["column_sum_quantiles"][layer]]
+        if max(values) > 4 and min(values) > 0:  # a few columns take most of the attention: spread the rest out
+            ax.set_yscale("log")
         ax.set_title(
             f"layer {layer}: std {first['softmax_column_std']:.3f} → {last['softmax_column_std']:.3f}", fontsize=10
         )
