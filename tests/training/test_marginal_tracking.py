@@ -4,20 +4,16 @@ marginal_report) on the same batch and a brute-force float64 reference; the call
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import make_tiny, sharpen, tiny_config
 from transformers import BertForSequenceClassification, Trainer, TrainingArguments
 
 import sinkhorn_hf  # noqa: F401  (registers attn_implementation="sinkhorn")
 from sinkhorn_hf.attention.diagnostics import softmax_marginals
 from sinkhorn_hf.training.callbacks import AttentionMarginalsCallback
 from sinkhorn_hf.training.marginals import QUANTILES, MarginalTracker, flat_metrics, sorted_column_sums
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tiny_models import make_tiny, sharpen, tiny_config  # noqa: E402
 
 
 def _brute_force_column_stats(model, inputs, valid):
