@@ -191,6 +191,13 @@ class TrainerArguments:
         default=None, metadata={"help": "evaluate every N optimizer steps; unset: at the end of every epoch"}
     )
     logging_steps: int = 50
+    track_attention_marginals: int | None = field(
+        default=None,
+        metadata={
+            "help": "every N optimizer steps, on one evaluation batch: per layer, the std of SoftMax column sums "
+            "over valid tokens (and Sinkhorn's column error), logged and written to results.json with a picture"
+        },
+    )
     with_tracking: bool = field(default=False, metadata={"help": "log to accelerate trackers (--report_to)"})
     report_to: str = field(default="tensorboard", metadata={"help": "accelerate tracker(s), comma-separated"})
     early_stopping_patience: int | None = field(

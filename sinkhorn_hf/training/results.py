@@ -67,6 +67,7 @@ class RunResults(RunInfo):
     num_processes: int | None = None
     mixed_precision: str | None = None
     eval_history: list[dict] = field(default_factory=list)
+    attention_marginals: dict | None = None  # --track_attention_marginals: records, and the json / png written
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

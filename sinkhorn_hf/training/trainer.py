@@ -46,6 +46,7 @@ from .checkpoints import (
     resolve_checkpoint,
     verify_checkpoint,
 )
+from .marginals import MarginalTracker, flat_metrics
 from .metrics import EvalOutput, MetricFn
 from .output_lock import output_dir_lock
 from .results import RunInfo, RunResults, peak_memory_mb
@@ -334,6 +335,7 @@ class Trainer:
         )
         running_loss, running_batches = torch.zeros((), device=acc.device), 0
         first_step = state.completed_steps + 1  # of this process: the adjoint's choice is printed after it
+        self.marginals = self._marginal_tracker()
         self._clock = time.perf_counter()
         self.model.train()
         while state.epoch < self.num_epochs and not self._done():
@@ -362,6 +364,8 @@ class Trainer:
                 if self.adjoint_on and state.completed_steps == first_step:
                     acc.print(f"adjoint: {describe_adjoint(self.adjoint_model)}")
                 progress.update(1)
+                if self.marginals and (record := self.marginals.maybe_track(state.completed_steps)):
+                    acc.log(flat_metrics(record), step=state.completed_steps)
                 if state.completed_steps % args.logging_steps == 0:
                     mean_loss = acc.gather(running_loss).mean().item() / running_batches
                     acc.log(
@@ -395,6 +399,18 @@ class Trainer:
         acc.end_training()
         return results
 
+    def _marginal_tracker(self) -> MarginalTracker | None:
+        """``--track_attention_marginals``: a tracker on the first evaluation batch, on the main process only; it
+        measures the starting point at once (a resumed run tracks from its resume step)."""
+        every = self.args.track_attention_marginals
+        if not every or not self.accelerator.is_main_process:
+            return None
+        batch = next(iter(next(iter(self.eval_loaders.values()))))
+        batch = {k: v for k, v in batch.items() if k not in ("labels", EXAMPLE_ID)}
+        tracker = MarginalTracker(self.accelerator.unwrap_model(self.model), batch, every)
+        tracker.maybe_track(self.state.completed_steps)
+        return tracker
+
     def _done(self) -> bool:
         return self.state.completed_steps >= self.max_steps or self.state.stopped_early
 
@@ -402,6 +418,12 @@ class Trainer:
         # Runtime counts training only, not evaluation or checkpoint writing.
         self.state.train_runtime_s += time.perf_counter() - self._clock
         self._clock = time.perf_counter()
+
+    def _marginal_results(self) -> dict | None:
+        if not self.marginals:
+            return None
+        paths = self.marginals.write(self.args.output_dir)
+        return {"records": self.marginals.records, **{kind: str(path) for kind, path in paths.items()}}
 
     def _finish(self) -> RunResults:
         acc, state = self.accelerator, self.state
@@ -435,6 +457,7 @@ class Trainer:
             num_processes=acc.num_processes,
             mixed_precision=acc.mixed_precision,
             eval_history=state.history,
+            attention_marginals=self._marginal_results(),
         )
         if acc.is_main_process:
             results.write(self.args.output_dir)

@@ -4,6 +4,7 @@ marginal_report) on the same batch and a brute-force float64 reference; the call
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +148,23 @@ def test_callback_inside_transformers_trainer(tmp_path):
     saved = json.loads((tmp_path / "marginals" / "attention_marginals.json").read_text())
     assert [record["step"] for record in saved["records"]] == [0, 2, 4]
     assert (tmp_path / "marginals" / "attention_marginals.png").stat().st_size > 10_000
+
+
+def test_trainer_flag_tracks_every_n_steps_into_results(tiny_bert, sst2_files, tmp_path):
+    """--track_attention_marginals N: records at step 0 and every N optimizer steps in results.json, a picture,
+    and the last record equals the tracker run afresh on the final model with the same evaluation batch."""
+    from test_trainer import make_trainer
+
+    trainer = make_trainer(
+        tiny_bert, sst2_files, tmp_path / "run", num_train_epochs=1, track_attention_marginals=4, attn="sdpa"
+    )
+    results = trainer.train()
+    tracked = results.attention_marginals
+    steps = [record["step"] for record in tracked["records"]]
+    assert steps == list(range(0, results.train_steps + 1, 4))
+    assert Path(tracked["png"]).is_file() and Path(tracked["json"]).is_file()
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())["attention_marginals"]
+    assert saved["records"] == tracked["records"]
+    assert steps[-1] == results.train_steps  # 96 rows, batch 8: 12 steps
+    again = MarginalTracker(trainer.marginals.model, trainer.marginals.batch, 1).track(steps[-1])
+    assert again["layers"] == tracked["records"][-1]["layers"]
