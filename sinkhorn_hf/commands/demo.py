@@ -210,23 +210,7 @@ def run(args: argparse.Namespace) -> int:
             staging / PLOT_FILE,
             title=f"ViT on 8x8 digits: column-sum spread on {MARGINAL_BATCH} test images",
         )
-        manifest = {
-            "written_by": "sinkhorn-hf demo",
-            "seed": args.seed,
-            "split_seed": SPLIT_SEED,
-            "vit_config": VIT_CONFIG,
-            "arms": {
-                arm: {
-                    "label": labels[arm],
-                    "test_accuracy": results[arm].metrics["accuracy"],
-                    "train_runtime_s": results[arm].train_runtime_s,
-                    "results": f"{arm}/results.json",
-                    "marginals": reports[arm].summary(),
-                }
-                for arm in ARMS
-            },
-            "plot": PLOT_FILE,
-        }
+        manifest = _manifest(args, labels, results, reports)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _move_into(staging, output_dir)
     finally:
@@ -237,18 +221,40 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _manifest(
+    args: argparse.Namespace, labels: dict[str, str], results: dict[str, Any], reports: dict[str, Any]
+) -> dict:
+    """demo.json: what was run, both arms' accuracy and marginals, and where their files are."""
+    return {
+        "written_by": "sinkhorn-hf demo",
+        "seed": args.seed,
+        "split_seed": SPLIT_SEED,
+        "vit_config": VIT_CONFIG,
+        "arms": {
+            arm: {
+                "label": labels[arm],
+                "test_accuracy": results[arm].metrics["accuracy"],
+                "train_runtime_s": results[arm].train_runtime_s,
+                "results": f"{arm}/results.json",
+                "marginals": reports[arm].summary(),
+            }
+            for arm in ARMS
+        },
+        "plot": PLOT_FILE,
+    }
+
+
 def _print_summary(
     results: dict[str, Any], reports: dict[str, Any], labels: dict[str, str], n_test: int, output_dir: Path, wall: float
 ) -> None:
     width = max(len(label) for label in labels.values())
     print(f"\ntest accuracy on the {n_test} held-out digits:")
     for arm in ARMS:
-        print(f"  {labels[arm]:<{width}}  {results[arm].metrics['accuracy']:.4f}  "
-              f"(trained {results[arm].train_runtime_s:.1f} s)")
-    print(
-        f"\nattention marginals on {MARGINAL_BATCH} test images (17 tokens), mean over heads; "
-        "0 = doubly stochastic:"
-    )
+        print(
+            f"  {labels[arm]:<{width}}  {results[arm].metrics['accuracy']:.4f}  "
+            f"(trained {results[arm].train_runtime_s:.1f} s)"
+        )
+    print(f"\nattention marginals on {MARGINAL_BATCH} test images (17 tokens), mean over heads; 0 = doubly stochastic:")
     print(f"  {'arm':<{width}}  layer  max|row sum-1|  max|col sum-1|  std(col sums)")
     for arm in ARMS:
         for row in reports[arm].summary():
