@@ -3,14 +3,21 @@ drifts toward it), per layer and head, over valid tokens only."""
 
 from __future__ import annotations
 
+import os
+import textwrap
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .. import compat
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass
@@ -77,20 +84,52 @@ def softmax_marginals(model: torch.nn.Module, **inputs: Tensor) -> MarginalRepor
     return marginal_report(outputs.attentions, inputs.get("attention_mask"))
 
 
-def plot_column_spread(report: MarginalReport, path: str | Path, title: str = "") -> Path:
-    """Save a PNG of the column-sum spread per layer (box over heads)."""
-    import matplotlib
+def column_spread_figure(reports: MarginalReport | Mapping[str, MarginalReport], title: str = "") -> Figure:
+    """A box plot of the column-sum spread per layer, one box over heads per layer, side by side for each
+    labelled report of a mapping (e.g. ``{"SoftMax": a, "Sinkhorn K=3": b}``). Layout keeps every label inside."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    labelled = {"": reports} if isinstance(reports, MarginalReport) else dict(reports)
+    layers = max(report.column_std.shape[0] for report in labelled.values())
+    width = 0.8 / len(labelled)
+    fig = Figure(figsize=(6.4, 3.8), dpi=120, layout="constrained")
+    ax = fig.subplots()
+    handles = []
+    for index, (label, report) in enumerate(labelled.items()):
+        color = f"C{index}"
+        offset = (index - (len(labelled) - 1) / 2) * width
+        positions = [layer + offset for layer in range(report.column_std.shape[0])]
+        ax.boxplot(
+            [heads.numpy() for heads in report.column_std],
+            positions=positions,
+            widths=width * 0.85,
+            patch_artist=True,
+            boxprops={"facecolor": color, "alpha": 0.6},
+            medianprops={"color": "black"},
+            manage_ticks=False,
+        )
+        handles.append(Patch(facecolor=color, alpha=0.6, label=label))
+    ax.set_xticks(range(layers), [str(layer) for layer in range(layers)])
+    ax.set_xlim(-0.6, layers - 0.4)
+    ax.set_xlabel("layer (one box over its heads)")
+    ax.set_ylabel("std of column sums\n(0 = doubly stochastic)")
+    if len(labelled) > 1:
+        ax.legend(handles=handles, fontsize="small")
+    ax.set_title(textwrap.fill(title or "SoftMax attention: distance to doubly stochastic", 60), fontsize="medium")
+    return fig
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.boxplot([layer.numpy() for layer in report.column_std], positions=range(len(report.column_std)))
-    ax.set_xlabel("layer")
-    ax.set_ylabel("std of column sums (0 = doubly stochastic)")
-    ax.set_title(title or "SoftMax attention: distance to doubly stochastic")
-    fig.tight_layout()
+
+def plot_column_spread(
+    reports: MarginalReport | Mapping[str, MarginalReport], path: str | Path, title: str = ""
+) -> Path:
+    """Save :func:`column_spread_figure` of ``reports`` as a PNG at ``path`` (written atomically)."""
     path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.png")
+    try:
+        column_spread_figure(reports, title).savefig(temporary, format="png")
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
     return path

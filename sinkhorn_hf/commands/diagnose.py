@@ -8,6 +8,13 @@ from pathlib import Path
 
 from . import add_command
 
+# The sentences diagnosed when no --text-file is given (README quotes their numbers for MiniLM-L6).
+BUILT_IN_SENTENCES = (
+    "Sinkhorn attention makes every attention matrix doubly stochastic.",
+    "Padding carries no mass.",
+    "Rows and columns both sum to one over the valid tokens of each sentence in the batch.",
+)
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = add_command(
@@ -29,7 +36,6 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoModel, AutoTokenizer
 
     from ..attention.diagnostics import plot_column_spread, softmax_marginals
-    from .demo import _SENTENCES
 
     if args.text_file is not None:
         if not args.text_file.is_file():
@@ -38,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         if not sentences:
             raise SystemExit(f"--text-file {args.text_file} has no non-empty line")
     else:
-        sentences = list(_SENTENCES)
+        sentences = list(BUILT_IN_SENTENCES)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModel.from_pretrained(args.model).eval()
     inputs = tokenizer(sentences, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt")
@@ -49,5 +55,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps(report.summary(), indent=2))
     if args.plot:
-        print(f"plot: {plot_column_spread(report, args.plot, title=f'{args.model}: softmax column-sum spread')}")
+        title = f"{model_label(args.model)}: SoftMax column-sum spread ({len(sentences)} sentences)"
+        print(f"plot: {plot_column_spread(report, args.plot, title=title)}")
     return 0
+
+
+def model_label(model: str) -> str:
+    """A short name for a plot title: a local checkpoint's folder name, or the Hub id without its owner."""
+    return Path(model.rstrip("/")).name or model
