@@ -5,11 +5,17 @@
     python scripts/bench_attention.py --streaming-check                              # B=1, H=12, N=16384
     python scripts/bench_attention.py --sizes 512 2048 --compile                     # torch.compile on for all
     python scripts/bench_attention.py --sizes 512 2048 8192 --device cuda            # on a GPU
+    python scripts/bench_attention.py --device cuda --dtype bfloat16 --sizes 512 2048 8192 16384 --batch 4
 
-Time: forward (no grad) and forward+backward of one attention call on random float32 (B, H, N, D) inputs, best of
-``--repeats`` runs, every method of a size measured in this process with the runs interleaved. Sinkhorn goes
-through ``sinkhorn_hf.attention.routes.sinkhorn_attention`` with its default route for that length (SDPA for K=1,
-dense below the streaming threshold, streaming above). Peak memory: each (size, method) runs once more in its own
+Time: forward (no grad) and forward+backward of one attention call on random (B, H, N, D) inputs of ``--dtype``
+(float32 by default), best of ``--repeats`` runs, every method of a size measured in this process with the runs
+interleaved. Sinkhorn goes through ``sinkhorn_hf.attention.routes.sinkhorn_attention`` on the PyTorch routes
+(``sinkhorn_backend="torch"``) with the default route for that length (SDPA for K=1, dense below the streaming
+threshold, streaming above). With ``--device cuda`` there are also rows for SDPA pinned to its flash and its
+memory-efficient kernels (``torch.nn.attention.sdpa_kernel``; flash needs 16-bit inputs, so it is skipped in
+float32) and for the fused Triton kernels (``sinkhorn_backend="triton"``) at each K.
+
+Peak memory: each (size, method) runs once more in its own
 process; after the inputs exist, VmHWM is reset (/proc/self/clear_refs) and the peak resident memory of a
 forward and then a forward+backward is read back minus the resident memory before them (glibc returns freed
 tensors to the system at once there), so it is what the call itself needs. With ``--device cuda`` the clock waits
@@ -41,11 +47,19 @@ _MIB = 2**20
 MIN_RUN_S = 0.2  # shorter timed runs loop over the call
 
 
-def _methods(iterations: list[int]) -> list[str]:
-    return ["sdpa", "eager"] + [f"sinkhorn{k}" for k in iterations]
+SDPA_KERNELS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-mem": "EFFICIENT_ATTENTION"}  # name -> SDPBackend member
+
+
+def _methods(iterations: list[int], device: str = "cpu") -> list[str]:
+    sinkhorn = [f"sinkhorn{k}" for k in iterations]
+    if device != "cuda":
+        return ["sdpa", "eager"] + sinkhorn
+    return ["sdpa", *SDPA_KERNELS, "eager"] + sinkhorn + [f"triton{k}" for k in iterations]
 
 
 def _route(method: str, n: int, dim: int) -> str:
+    if method.startswith("triton"):
+        return "triton"
     if not method.startswith("sinkhorn"):
         return ""
     k = int(method.removeprefix("sinkhorn"))
@@ -55,8 +69,9 @@ def _route(method: str, n: int, dim: int) -> str:
 
 
 def _label(method: str, n: int, dim: int) -> str:
-    if method.startswith("sinkhorn"):
-        return f"sinkhorn K={method.removeprefix('sinkhorn')} ({_route(method, n, dim)})"
+    for prefix in ("sinkhorn", "triton"):
+        if method.startswith(prefix):
+            return f"sinkhorn K={method.removeprefix(prefix)} ({_route(method, n, dim)})"
     return method
 
 
@@ -64,13 +79,24 @@ def _attention(method: str, compile_: bool = False):
     """fn(q, k, v) -> output (B, H, N, D), through torch.compile if ``compile_``."""
     if method == "sdpa":
         fn = torch.nn.functional.scaled_dot_product_attention
+    elif method in SDPA_KERNELS:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = getattr(SDPBackend, SDPA_KERNELS[method])
+
+        def fn(q, k, v):
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
     elif method == "eager":
 
         def fn(q, k, v):
             return torch.matmul(torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, -1), v)
 
     else:
-        settings = SinkhornSettings(iterations=int(method.removeprefix("sinkhorn")))
+        prefix = "triton" if method.startswith("triton") else "sinkhorn"
+        iterations = int(method.removeprefix(prefix))
+        settings = SinkhornSettings(iterations=iterations, backend="triton" if prefix == "triton" else "torch")
 
         def fn(q, k, v):
             return sinkhorn_attention(q, k, v, settings=settings)[0]
@@ -87,18 +113,19 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _estimated_bytes(method: str, n: int, batch: int, heads: int, dim: int) -> int:
-    """Rough peak of one forward+backward: inputs, gradients and outputs, plus four score matrices where the
-    method materialises them."""
-    vectors = 8 * batch * heads * n * dim * 4
+def _estimated_bytes(method: str, n: int, batch: int, heads: int, dim: int, item: int = 4) -> int:
+    """Rough peak of one forward+backward: inputs, gradients and outputs (``item`` bytes an element), plus four
+    float32 score matrices where the method materialises them."""
+    vectors = 8 * batch * heads * n * dim * item
     scores = batch * heads * n * n * 4
     materialises = method == "eager" or _route(method, n, dim) == "dense"
     return vectors + (4 * scores if materialises else 0)
 
 
-def _inputs(n: int, batch: int, heads: int, dim: int, seed: int = 0, device: str = "cpu"):
+def _inputs(n: int, batch: int, heads: int, dim: int, seed: int = 0, device: str = "cpu", dtype: str = "float32"):
     generator = torch.Generator().manual_seed(seed)
-    q, k, v, upstream = (torch.randn(batch, heads, n, dim, generator=generator).to(device) for _ in range(4))
+    shape, dtype = (batch, heads, n, dim), getattr(torch, dtype)
+    q, k, v, upstream = (torch.randn(shape, generator=generator).to(device, dtype) for _ in range(4))
     return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), upstream
 
 
@@ -116,7 +143,7 @@ def time_size(methods: list[str], n: int, args) -> dict[str, dict[str, float]]:
     """Best-of-``args.repeats`` forward and forward+backward seconds per method, runs interleaved. A run that
     takes under MIN_RUN_S repeats the call in a loop (and reports the time per call), so that short calls are
     not at the mercy of the clock and thread wake-ups."""
-    q, k, v, upstream = _inputs(n, args.batch, args.heads, args.dim, device=args.device)
+    q, k, v, upstream = _inputs(n, args.batch, args.heads, args.dim, device=args.device, dtype=args.dtype)
     fns = {m: _attention(m, args.compile) for m in methods}
     best = {m: {"forward_s": float("inf"), "train_s": float("inf")} for m in methods}
     loops = {}
@@ -155,7 +182,7 @@ def _rss(field: str) -> int:
 def measure_cuda_memory(method: str, n: int, args) -> dict[str, float]:
     """Peak allocated GPU memory (MiB) of a forward, then of a forward+backward, above the inputs."""
     fn = _attention(method, args.compile)
-    q, k, v, upstream = _inputs(n, args.batch, args.heads, args.dim, device="cuda")
+    q, k, v, upstream = _inputs(n, args.batch, args.heads, args.dim, device="cuda", dtype=args.dtype)
     _train(fn, q, k, v, upstream)  # compile (and warm up) outside the measurement
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
@@ -216,7 +243,7 @@ def render(results: dict, args) -> str:
         where = f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
     compiled = "torch.compile on for every method" if args.compile else "eager"
     lines = [
-        f"B={args.batch}, H={args.heads}, D={args.dim}, float32, torch {torch.__version__}, {where}, {compiled}; "
+        f"B={args.batch}, H={args.heads}, D={args.dim}, {args.dtype}, torch {torch.__version__}, {where}, {compiled}; "
         f"time = best of {args.repeats}; ratios are to SDPA at the same N",
         "",
         "| N | method | fwd ms | fwd ×SDPA | fwd+bwd ms | fwd+bwd ×SDPA | peak MiB fwd+bwd | peak ×SDPA |",
@@ -226,7 +253,7 @@ def render(results: dict, args) -> str:
     for n_text, row in results.items():
         n = int(n_text)
         base = row.get("sdpa", {})
-        for method in _methods(args.iterations):
+        for method in _methods(args.iterations, args.device):
             entry = row.get(method)
             if entry is None:
                 continue
@@ -249,14 +276,17 @@ def run(args) -> dict:
     path = Path(args.output)
     results = json.loads(path.read_text()) if path.is_file() else {}
     limit = args.memory_limit_gib * 2**30
-    methods = _methods(args.iterations)
+    methods = _methods(args.iterations, args.device)
+    item = getattr(torch, args.dtype).itemsize
     for n in tqdm(args.sizes, desc="sizes"):
         if str(n) in results:
             continue  # done by an earlier (killed) run
         runnable, row = [], {}
         for method in methods:
-            need = _estimated_bytes(method, n, args.batch, args.heads, args.dim)
-            if need > limit:
+            need = _estimated_bytes(method, n, args.batch, args.heads, args.dim, item)
+            if method == "sdpa-flash" and item > 2:
+                row[method] = {"skipped": f"SDPA's flash kernel takes 16-bit inputs only, not {args.dtype}"}
+            elif need > limit:
                 row[method] = {
                     "skipped": f"needs about {need / 2**30:.1f} GiB (score matrices of "
                     f"{args.batch * args.heads * n * n * 4 / 2**30:.1f} GiB), over --memory-limit-gib "
@@ -305,6 +335,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default="bench_attention.json", help="results file (a killed run resumes)")
     parser.add_argument("--streaming-check", action="store_true", help="only the B=1, H=12, N=16384 memory check")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="dtype of q, k, v (CPU memory runs: float32)",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile every method (SDPA, eager, Sinkhorn)")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -1,5 +1,7 @@
-"""Which route a Sinkhorn attention call takes; the three compute the same thing.
+"""Which route a Sinkhorn attention call takes; they all compute the same thing.
 
+- ``settings.backend`` first: the fused Triton kernels (:mod:`.triton`) with "triton", or with "auto" on CUDA
+  where they support the call; otherwise one of the PyTorch routes below.
 - K = 1 is SoftMax: plain ``scaled_dot_product_attention``.
 - Dense (below the streaming threshold, or when the weights are asked for): one autograd Function that
   materialises A once, in the kernel domain, with its own backward (:mod:`.dense`).
@@ -15,6 +17,7 @@ from torch import Tensor
 from .dense import dense_attention
 from .settings import ImplicitSolver, RouteOptions, SinkhornSettings
 from .streaming import StreamingSinkhornAttention, sdpa_mask
+from .triton import TritonUnsupportedError, triton_sinkhorn_attention, triton_unsupported_reason
 
 MIN_BLOCK_ROWS = 16  # below this, per-block overhead dominates
 
@@ -31,6 +34,26 @@ def block_size_for(settings: SinkhornSettings, n_q: int, n_k: int, head_dim: int
     if settings.block_size is not None:
         return settings.block_size
     return max(MIN_BLOCK_ROWS, n_q * head_dim // (2 * n_k))
+
+
+def uses_triton(
+    settings: SinkhornSettings, query: Tensor, key: Tensor, value: Tensor, dropout: float, return_weights: bool
+) -> bool:
+    """Whether ``settings.backend`` sends this call to the Triton kernels: "torch" never; "auto" on CUDA when
+    they support it (on CPU Triton only has its interpreter, which is for tests); "triton" always, raising
+    :class:`TritonUnsupportedError` with the reason when they cannot run it."""
+    if settings.backend == "torch" or (settings.backend == "auto" and not query.is_cuda):
+        return False
+    reason = "the Triton kernels do not return the attention weights" if return_weights else None
+    reason = reason or triton_unsupported_reason(
+        query, key, value, dropout=dropout, tolerance=settings.tolerance, backward=settings.backward
+    )
+    if reason is not None and settings.backend == "triton":
+        raise TritonUnsupportedError(
+            f"sinkhorn_backend='triton' cannot run this call: {reason} (sinkhorn_backend 'auto' or 'torch' use the "
+            "PyTorch routes)"
+        )
+    return reason is None
 
 
 def sinkhorn_attention(
@@ -69,6 +92,12 @@ def sinkhorn_attention(
 
 def _attention(query, key, value, allowed, bias, query_valid, scale, settings, dropout, return_weights, solver):
     """sinkhorn_attention after validation, with autocast off."""
+    if uses_triton(settings, query, key, value, dropout, return_weights):  # in the inputs' dtype, float32 inside
+        output = triton_sinkhorn_attention(
+            query, key, value, iterations=settings.iterations, allowed=allowed, bias=bias, query_valid=query_valid,
+            scale=scale,
+        )  # fmt: skip
+        return output, None
     compute = torch.promote_types(query.dtype, torch.float32)  # half precision would lose the marginals
     q, k, v = query.to(compute), key.to(compute), value.to(compute)
     bias = None if bias is None else bias.to(compute)

@@ -10,6 +10,7 @@ from typing import Any
 DEFAULT_ITERATIONS = 3  # the paper's IMDb and ViT setting
 BACKWARD_MODES = ("unrolled", "implicit")
 STREAMING_MODES = ("auto", True, False)
+BACKENDS = ("auto", "triton", "torch")
 
 
 def check_count(name: str, value: Any, optional: bool = False, hint: str = "") -> None:
@@ -32,7 +33,9 @@ class SinkhornSettings:
     ``tolerance``: optional early stop once column sums are within it of their target.
     ``backward``: "unrolled" (exact gradient of the K steps) or "implicit" (gradient at convergence).
     ``streaming``: True, False or "auto" (stream when the query or key length reaches ``streaming_threshold``):
-    never hold the full score matrix, visit it in blocks of ``block_size`` queries (None: scores half the size of Q)."""
+    never hold the full score matrix, visit it in blocks of ``block_size`` queries (None: scores half the size of Q).
+    ``backend``: "auto" (the fused Triton kernels on CUDA where they support the call, else the PyTorch routes),
+    "triton" (the kernels or an error saying why they cannot run) or "torch" (the PyTorch routes)."""
 
     iterations: int = DEFAULT_ITERATIONS
     tolerance: float | None = None
@@ -40,6 +43,7 @@ class SinkhornSettings:
     streaming: bool | str = "auto"
     streaming_threshold: int = 1024
     block_size: int | None = None
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         check_iterations(self.iterations)
@@ -53,6 +57,8 @@ class SinkhornSettings:
             raise ValueError(f"sinkhorn_streaming must be one of {STREAMING_MODES}, got {self.streaming!r}")
         check_count("sinkhorn_streaming_threshold", self.streaming_threshold)
         check_count("sinkhorn_block_size", self.block_size, optional=True)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"sinkhorn_backend must be one of {BACKENDS}, got {self.backend!r}")
 
     @classmethod
     def from_config(cls, config: Any) -> SinkhornSettings:

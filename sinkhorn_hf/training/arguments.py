@@ -26,6 +26,7 @@ SINKHORN_HELP = {
     "streaming": "true, false or auto: visit the scores in query blocks, never holding the full matrix",
     "streaming_threshold": "with --sinkhorn_streaming auto: stream once the query or key length reaches this",
     "block_size": "queries per streaming block (none: scores half the size of Q)",
+    "backend": "auto (fused Triton kernels on CUDA where they support the call, else PyTorch), triton or torch",
 }
 
 

@@ -4,13 +4,17 @@ validation and model-level switches."""
 
 import pytest
 import torch
+import transformers
 from tiny_models import make_tiny, sharpen
 
 import sinkhorn_hf.attention.dense as dense_module
+import sinkhorn_hf.attention.routes as routes_module
+import sinkhorn_hf.attention.triton.api as triton_api
 from sinkhorn_hf.attention import SinkhornSettings
 from sinkhorn_hf.attention.implicit import ImplicitSolver
 from sinkhorn_hf.attention.routes import block_size_for, sinkhorn_attention
 from sinkhorn_hf.attention.sinkhorn import sinkhorn
+from sinkhorn_hf.attention.triton import TritonUnsupportedError
 
 SCALE = 0.6
 EXACT = ImplicitSolver(ridge=1e-13, tolerance=1e-13, max_iterations=500)
@@ -265,6 +269,7 @@ def test_half_precision_is_computed_in_float32():
         ({"streaming": 1}, r"sinkhorn_streaming must be one of"),
         ({"streaming_threshold": 0}, r"sinkhorn_streaming_threshold must be an int >= 1, got 0"),
         ({"block_size": 2.5}, r"sinkhorn_block_size must be None or an int >= 1, got 2.5"),
+        ({"backend": "cuda"}, r"sinkhorn_backend must be one of \('auto', 'triton', 'torch'\), got 'cuda'"),
     ],
 )
 def test_bad_settings_are_refused(bad, message):
@@ -345,3 +350,112 @@ def test_autocast_does_not_lower_the_precision(route):
     got = torch.autograd.grad(out_autocast.square().sum(), inputs_of(c))
     for mine, theirs in zip(got, expected, strict=True):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+
+def triton_case(device="cpu", **changes):
+    """A float32 case the Triton kernels support (head dim 16), with padding and a bias."""
+    c = case(dim=16, seed=21, dtype=torch.float32, **changes)
+    return {name: value.detach().to(device).requires_grad_(value.requires_grad) for name, value in c.items()}
+
+
+@pytest.fixture
+def triton_calls(monkeypatch):
+    """Counts the calls that reach the Triton kernels."""
+    calls = []
+    kernels = routes_module.triton_sinkhorn_attention
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return kernels(*args, **kwargs)
+
+    monkeypatch.setattr(routes_module, "triton_sinkhorn_attention", counted)
+    return calls
+
+
+def test_backend_setting_persists_in_the_config(tmp_path):
+    tiny = make_tiny("bert", "sinkhorn")
+    tiny.model.config.sinkhorn_backend = "torch"
+    tiny.model.config.save_pretrained(tmp_path)
+    reloaded = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert reloaded.sinkhorn_backend == "torch"
+    assert SinkhornSettings.from_config(reloaded).backend == "torch"
+    assert SinkhornSettings().backend == "auto"
+
+
+def test_auto_backend_on_cpu_never_takes_the_triton_kernels(triton_calls):
+    c = triton_case()
+    out, _ = fast(c, 3)
+    expected, _ = fast(c, 3, backend="torch")
+    assert triton_calls == []
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 3])
+def test_triton_backend_runs_the_kernels_and_matches_torch(iterations, triton_calls):
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and not triton_api._interpreting():
+        pytest.skip("no CUDA and Triton is not in its interpreter")
+    c = triton_case("cuda" if torch.cuda.is_available() else "cpu")
+    out, _ = fast(c, iterations, backend="triton")
+    assert len(triton_calls) == 1
+    expected, _ = fast(c, iterations, backend="torch")
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out.device)
+    got = torch.autograd.grad((out * upstream).sum(), inputs_of(c))
+    wanted = torch.autograd.grad((expected * upstream).sum(), inputs_of(c))
+    for mine, theirs in zip(got, wanted, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-4 * theirs.abs().max())
+
+
+@pytest.mark.parametrize(
+    "options, reason",
+    [
+        (dict(dropout=0.1), "dropout"),
+        (dict(tolerance=1e-3), "tolerance"),
+        (dict(backward="implicit"), "implicit"),
+        (dict(return_weights=True), "attention weights"),
+    ],
+)
+def test_unsupported_calls_fall_back_on_auto_and_raise_on_triton(options, reason, triton_calls):
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    c = triton_case(device)
+    with pytest.raises(TritonUnsupportedError, match=f"sinkhorn_backend='triton' cannot run this call: .*{reason}"):
+        fast(c, 3, backend="triton", **options)
+    fast(c, 3, backend="auto", **options)  # the PyTorch routes
+    assert triton_calls == []
+
+
+def test_triton_backend_on_cpu_without_the_interpreter_says_why(monkeypatch, triton_calls):
+    pytest.importorskip("triton")
+    monkeypatch.setattr(triton_api, "_interpreting", lambda: False)
+    with pytest.raises(TritonUnsupportedError, match="need CUDA tensors"):
+        fast(triton_case(), 3, backend="triton")
+    assert triton_calls == []
+
+
+def test_tiny_bert_on_the_triton_backend_matches_torch(triton_calls):
+    """End to end through the attention interface: loss and gradients of a tiny BERT (head dim 16, padded)."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and not triton_api._interpreting():
+        pytest.skip("no CUDA and Triton is not in its interpreter")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tiny = sharpen(make_tiny("bert", "sinkhorn", layers=1, hidden_size=32), factor=5.0)
+    tiny.model.to(device)
+    inputs = {name: value.to(device) for name, value in tiny.inputs.items()}
+    valid = tiny.valid.to(device)
+
+    def loss_and_grads(backend):
+        tiny.model.config.sinkhorn_backend = backend
+        tiny.model.zero_grad()
+        loss = tiny.model(**inputs).last_hidden_state[valid].square().mean()
+        loss.backward()
+        return [loss.detach()] + [p.grad.clone() for p in tiny.model.encoder.parameters() if p.grad is not None]
+
+    on_triton = loss_and_grads("triton")
+    assert len(triton_calls) == 1, "the one layer's attention ran on the Triton kernels"
+    on_torch = loss_and_grads("torch")
+    assert len(triton_calls) == 1
+    assert len(on_triton) == len(on_torch) > 1
+    for mine, theirs in zip(on_triton, on_torch, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-4 * max(theirs.abs().max().item(), 1e-3))

@@ -105,9 +105,9 @@ def triton_sinkhorn_attention(
     query (B, H, Lq, D), key (B, H, Lk, D), value (B, H, Lk, Dv) -> (B, H, Lq, Dv) in value's dtype (float32
     accumulation). ``allowed`` bool (B, 1|H, Lq|1, Lk), True = may carry mass (default: all); ``bias`` float,
     broadcastable to (B, H, Lq, Lk), differentiable; ``query_valid`` bool (B, 1|H, Lq, 1): padded queries are
-    left out of the column marginals (default: all valid). ``scale`` defaults to 1/sqrt(D). ``block_m`` queries
-    and ``block_n`` keys per tile. Raises :class:`TritonUnsupportedError` where :func:`triton_unsupported_reason`
-    gives a reason (e.g. ``dropout`` > 0).
+    left out of the column marginals and, for even K, take one more row step (default: all valid, no extra step).
+    ``scale`` defaults to 1/sqrt(D). ``block_m`` queries and ``block_n`` keys per tile. Raises
+    :class:`TritonUnsupportedError` where :func:`triton_unsupported_reason` gives a reason (e.g. ``dropout`` > 0).
     """
     check_iterations(iterations, "iterations")
     _check_block("block_m", block_m)
@@ -122,6 +122,7 @@ def triton_sinkhorn_attention(
         allowed = ones.expand(batch, heads, n_q, n_k)
     elif allowed.dtype != torch.bool:
         raise ValueError(f"allowed must be a bool mask (True = attend), got {allowed.dtype}")
+    query_valid_given = query_valid is not None
     if query_valid is None:
         query_valid = ones.expand(batch, heads, n_q, 1)
     elif query_valid.dtype != torch.bool or query_valid.shape[-1] != 1:
@@ -132,5 +133,6 @@ def triton_sinkhorn_attention(
         raise ValueError(f"bias must be a float additive bias, got {bias.dtype}")
     from .function import TritonOptions, TritonSinkhornAttention  # imports triton and decorates the kernels
 
-    options = TritonOptions(1 / math.sqrt(dim) if scale is None else float(scale), iterations, block_m, block_n)
+    scale = 1 / math.sqrt(dim) if scale is None else float(scale)
+    options = TritonOptions(scale, iterations, block_m, block_n, query_valid_given)
     return TritonSinkhornAttention.apply(query, key, value, bias, allowed, query_valid[..., 0], options)

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..iterations import final_row_grads
 from .forward import ForwardState, column_reduce, row_reduce
 from .problem import Problem
 from .tiles import (
@@ -135,14 +136,17 @@ def _minus(total: Tensor | None, part: Tensor) -> Tensor:
 
 
 def reverse_sweep(problem: Problem, state: ForwardState, grad_u: Tensor, grad_v: Tensor | None) -> Terms:
-    """The exact reverse sweep through the K half-steps from the gradients of the last u and v."""
+    """The exact reverse sweep through the half-steps from the gradients of the output's u and the last v."""
     us, vs = state.us, state.vs
     ones_q, ones_k, zeros_k = problem.row_vector(1.0), problem.column_vector(1.0), problem.column_vector()
-    u_bar, v_bar = grad_u, grad_v
+    u_grads = final_row_grads(grad_u, len(us), state.iterations, state.query_valid)
+    u_bar, v_bar = None, grad_v
     terms = []
     for step in reversed(range(len(us) + len(vs))):
         index = step // 2
         if step % 2 == 0:
+            if u_grads[index] is not None:  # the output's u is this iterate (on some rows)
+                u_bar = u_grads[index] if u_bar is None else u_bar + u_grads[index]
             weight = u_bar.masked_fill(~state.row_has_mass, 0.0)
             previous_v = vs[index - 1] if index > 0 else zeros_k
             terms.append((us[index], previous_v, weight, ones_k, False))
@@ -182,7 +186,7 @@ def sinkhorn_backward(
     dQ and dK are wanted; ``need_bias``: dS is wanted too."""
     tensors, strides, dims = problem.kernel_args()
     blocks = problem.blocks()
-    u = state.us[-1]
+    u = state.u
     b = state.vs[-1] if state.vs else problem.column_vector()
     f32 = {"dtype": torch.float32, "device": grad_output.device}
     grad_value = torch.empty(problem.rows, problem.n_k, problem.value.shape[-1], **f32)

@@ -4,7 +4,9 @@ A row step u = -lse_k(S + v) is one pass over key blocks per query block (online
 v = log(n_q/n_k) - lse_q(S + u) one pass over query blocks per key block; no N×N tile outlives a program. The
 output pass is softmax_k(S + 1bᵀ) V with b the last column potential as a key bias, accumulated online: for odd K
 its normaliser is the last row step (u_K = -lse), for even K (last step a column step) A = diag(e^{u + lse})
-softmax_k(S + 1bᵀ), so the output is rescaled per query. Extra memory per head: O(N·Dv) + O(K·N).
+softmax_k(S + 1bᵀ), so the output is rescaled per query, except on padded query rows (query validity given), which
+take one more row step (:func:`..iterations.final_row_potential`): its normaliser is that same lse, so they keep
+softmax_k(S + 1bᵀ) V. Extra memory per head: O(N·Dv) + O(K·N).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..iterations import final_row_potential
 from ..sinkhorn import MASKED_LOGIT
 from .problem import Problem
 from .tiles import (
@@ -124,9 +127,13 @@ def output_kernel(
 
 class ForwardState(NamedTuple):
     """What the backward needs: the output (batch·H, Lq, Dv) float32, u after each row step (batch·H, Lq), v after
-    each column step (batch·H, Lk), which rows/columns carry mass, and log(n_q/n_k) (batch·H, 1)."""
+    each column step (batch·H, Lk), which rows/columns carry mass, and log(n_q/n_k) (batch·H, 1); the row
+    potential ``u`` of the output's weights, the step count K and the query validity (batch·H, Lq) bool if given."""
 
     output: Tensor
+    u: Tensor
+    iterations: int
+    query_valid: Tensor | None
     us: list[Tensor]
     vs: list[Tensor]
     row_has_mass: Tensor
@@ -164,8 +171,9 @@ def _has_mass(lse: Tensor) -> Tensor:
     return lse > MASKED_LOGIT / 2
 
 
-def sinkhorn_forward(problem: Problem, iterations: int) -> ForwardState:
-    """K half-steps (rows first) and the output A V with A = exp(S + u + v)."""
+def sinkhorn_forward(problem: Problem, iterations: int, query_valid: Tensor | None) -> ForwardState:
+    """K half-steps (rows first) and the output A V with A = exp(S + u + v); ``query_valid`` (batch·H, Lq) bool
+    or None (not given: no padded rows, so even K takes no extra row step)."""
     u, v = problem.row_vector(), problem.column_vector()
     us, vs = [], []
     column_has_mass = log_target = None
@@ -189,8 +197,9 @@ def sinkhorn_forward(problem: Problem, iterations: int) -> ForwardState:
     tensors, strides, dims = problem.kernel_args()
     output_kernel[problem.query_grid()](tensors, strides, dims, v, output, lse, **problem.blocks())
     row_has_mass = _has_mass(lse)
-    if iterations % 2:
+    if iterations % 2 or query_valid is not None:  # the last (or padded rows' extra) row step
         us.append(torch.where(row_has_mass, -lse, 0.0))
-    else:  # rows without mass are already zero, and there u + lse = MASKED_LOGIT
-        output = output * (us[-1] + lse).exp().unsqueeze(-1)
-    return ForwardState(output, us, vs, row_has_mass, column_has_mass, log_target)
+    u = final_row_potential(us, iterations, query_valid)
+    if iterations % 2 == 0:  # rows without mass are already zero, and there u + lse = MASKED_LOGIT
+        output = output * (u + lse).exp().unsqueeze(-1)
+    return ForwardState(output, u, iterations, query_valid, us, vs, row_has_mass, column_has_mass, log_target)

@@ -14,12 +14,14 @@ from .problem import Problem
 
 @dataclass(frozen=True)
 class TritonOptions:
-    """``iterations`` K (rows first), ``scale``, ``block_m`` queries and ``block_n`` keys per tile."""
+    """``iterations`` K (rows first), ``scale``, ``block_m`` queries and ``block_n`` keys per tile;
+    ``query_valid_given``: the caller passed query validity (for even K, padded rows take one more row step)."""
 
     scale: float
     iterations: int
     block_m: int
     block_n: int
+    query_valid_given: bool = False
 
 
 class TritonSinkhornAttention(torch.autograd.Function):
@@ -34,7 +36,8 @@ class TritonSinkhornAttention(torch.autograd.Function):
         problem = Problem(
             query, key, value, bias, allowed, query_valid, options.scale, options.block_m, options.block_n
         )
-        state = sinkhorn_forward(problem, options.iterations)
+        valid = problem.valid_rows() if options.query_valid_given else None
+        state = sinkhorn_forward(problem, options.iterations, valid)
         ctx.save_for_backward(query, key, value, bias, allowed, query_valid)
         ctx.state, ctx.options = state, options
         batch, heads, n_q, _ = query.shape

@@ -98,6 +98,10 @@ class Problem:
         """A float32 (batch·H, Lk) vector."""
         return torch.full((self.rows, self.n_k), fill, dtype=torch.float32, device=self.query.device)
 
+    def valid_rows(self) -> Tensor:
+        """Which queries are valid: (batch·H, Lq) bool."""
+        return self.query_valid.expand(*self.query.shape[:3]).reshape(self.rows, self.n_q)
+
     def query_count(self) -> Tensor:
         """n_q, the valid queries per (batch, head): (batch·H, 1) float32."""
         return self._valid.reshape(self.rows, self.n_q).sum(-1, keepdim=True, dtype=torch.float32)
