@@ -48,14 +48,14 @@ class MarginalSupport(NamedTuple):
 
 
 def marginal_support(
-    allowed: Tensor | None, query_valid: Tensor | None, n_q: int, n_k: int, dtype: torch.dtype, block_rows: int
+    allowed: Tensor | None, query_valid: Tensor | None, n_q: int, n_k: int, dtype: torch.dtype, blocks: list[slice]
 ) -> MarginalSupport:
-    """The support of the Sinkhorn problem; the column masks are visited ``block_rows`` queries at a time."""
+    """The support of the Sinkhorn problem; the column masks are visited one block of query rows at a time."""
     row_has_mass = None if allowed is None else allowed.any(dim=-1, keepdim=True)
     column_has_mass = None
     if allowed is not None or query_valid is not None:
-        for start in range(0, n_q, block_rows):
-            mask = column_mask(allowed, query_valid, slice(start, start + block_rows))
+        for rows in blocks:
+            mask = column_mask(allowed, query_valid, rows)
             any_here = mask.expand(*mask.shape[:-1], n_k).any(dim=-2, keepdim=True)
             column_has_mass = any_here if column_has_mass is None else column_has_mass | any_here
     if column_has_mass is None:
@@ -97,8 +97,11 @@ class ScoreBlocks:
         self.query, self.key, self.bias, self.scale = query, key, bias, scale
         self.allowed, self.query_valid = allowed, query_valid
         n_q, n_k = query.shape[-2], key.shape[-2]
-        size = n_q if block_size is None else max(1, min(block_size, n_q))
-        self.slices = [slice(start, min(start + size, n_q)) for start in range(0, n_q, size)]
+        if block_size is None:  # one block, written without comparing lengths: export keeps them symbolic
+            size, self.slices = n_q, [slice(0, n_q)]
+        else:
+            size = max(1, min(block_size, n_q))
+            self.slices = [slice(start, min(start + size, n_q)) for start in range(0, n_q, size)]
         self.dense = len(self.slices) == 1
         self.batch_shape = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2])
         # One reusable (..., block, Lk) buffer: fresh N² allocations cost page faults on every pass.
@@ -112,7 +115,7 @@ class ScoreBlocks:
         self._scores = None if scores is None else self._compute(self.slices[0], scores)
         self._blocked: dict[tuple[int, bool], Tensor | None] = {}
 
-        self.support = marginal_support(allowed, query_valid, n_q, n_k, query.dtype, size)
+        self.support = marginal_support(allowed, query_valid, n_q, n_k, query.dtype, self.slices)
         self.row_has_mass, self.column_has_mass, _, self.log_target = self.support
 
     # --- scores and masks per block ------------------------------------------------------------------------

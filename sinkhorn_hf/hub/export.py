@@ -61,7 +61,8 @@ def export_onnx(
         raise ExportError(f"cannot read a transformers config from {source}: {error}") from error
     kind = model_kind(config)
     auto_class = getattr(transformers, kind.auto_class)
-    model = auto_class.from_pretrained(source, attn_implementation="sinkhorn").eval()
+    # ONNX holds standard operators only: the PyTorch routes, never the fused Triton kernels a GPU would pick.
+    model = auto_class.from_pretrained(source, attn_implementation="sinkhorn", sinkhorn_backend="torch").eval()
     sample, dynamic_shapes = _sample_inputs(model, kind.is_text)
     with torch.no_grad():
         reference = model(**sample)
