@@ -129,5 +129,11 @@ def task_parser(task: Task) -> Any:
 
 
 def main(task: Task, argv: Sequence[str] | None = None) -> RunResults:
-    """A script's body: parse the command line (``argv``, default sys.argv) and :func:`run_task`."""
-    return run_task(task, *task_parser(task).parse_args_into_dataclasses(argv))
+    """A script's body: parse the command line (``argv``, default sys.argv) and :func:`run_task`. A flag value
+    the argument dataclasses refuse is a usage error (argparse's message and exit status 2), not a traceback."""
+    parser = task_parser(task)
+    try:
+        arguments = parser.parse_args_into_dataclasses(argv)
+    except ValueError as error:
+        parser.error(str(error))
+    return run_task(task, *arguments)

@@ -63,6 +63,18 @@ def test_sample_limits_below_one_are_refused_by_every_task(flag, value):
         ImageDataArguments(dataset_name="cifar10", **{flag: value})
 
 
+def test_a_bad_sample_limit_on_the_command_line_is_a_usage_error(capsys):
+    """Refused while the command line is parsed: argparse's usage message and exit status 2, no traceback."""
+    from sinkhorn_hf.training.run import main
+    from sinkhorn_hf.training.tasks.glue import GLUE
+
+    argv = ["--model_name_or_path", "m", "--task_name", "sst2", "--output_dir", "o", "--max_train_samples", "0"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(GLUE, argv)
+    assert exit_info.value.code == 2
+    assert "error: --max_train_samples must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_an_unreachable_hub_dataset_names_the_local_file_flags(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
