@@ -35,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+from experiment_files import markdown_table, save_figure_atomic
 from reproduce_sinkformers import write_json
 
 SCHEMES = ("off", "checkpoint", "euler", "heun", "auto")
@@ -178,10 +179,8 @@ def summarise(runs: list[dict]) -> list[dict]:
 def table(summary: list[dict]) -> str:
     """The summary as a Markdown table; memory and step time also as × exact backprop (off) at that depth."""
     off = {row["depth"]: row for row in summary if row["scheme"] == "off"}
-    lines = [
-        "| L | scheme | seeds | test acc (%) | peak activation MiB (× off) | step s (× off) |",
-        "|---|---|---|---|---|---|",
-    ]
+    header = ["L", "scheme", "seeds", "test acc (%)", "peak activation MiB (× off)", "step s (× off)"]
+    rows = []
     for row in summary:
         base = off.get(row["depth"])
         memory, seconds = row["peak_activation_bytes_mean"], row["step_seconds_mean"]
@@ -192,13 +191,17 @@ def table(summary: list[dict]) -> str:
         )
         time_ratio = f" ({seconds / base['step_seconds_mean']:.2f})" if base else ""
         diverged = f", {row['diverged']} diverged" if row["diverged"] else ""
-        lines.append(
-            f"| {row['depth']} | {row['scheme']} | {row['seeds']}{diverged} "
-            f"| {row['test_accuracy_mean']:.2f} ± {row['test_accuracy_std']:.2f} "
-            f"| {memory / _MIB:.1f} ± {row['peak_activation_bytes_std'] / _MIB:.1f}{memory_ratio} "
-            f"| {seconds:.3f} ± {row['step_seconds_std']:.3f}{time_ratio} |"
+        rows.append(
+            [
+                str(row["depth"]),
+                row["scheme"],
+                f"{row['seeds']}{diverged}",
+                f"{row['test_accuracy_mean']:.2f} ± {row['test_accuracy_std']:.2f}",
+                f"{memory / _MIB:.1f} ± {row['peak_activation_bytes_std'] / _MIB:.1f}{memory_ratio}",
+                f"{seconds:.3f} ± {row['step_seconds_std']:.3f}{time_ratio}",
+            ]
         )
-    return "\n".join(lines) + "\n"
+    return markdown_table(header, rows)
 
 
 def plot(summary: list[dict], settings: dict, path: Path) -> None:
@@ -238,10 +241,7 @@ def plot(summary: list[dict], settings: dict, path: Path) -> None:
         f"{settings['train_samples']} train images, {settings['epochs']} epoch(s), device {settings['device']}"
     )
     figure.tight_layout()
-    temporary = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(temporary, dpi=120)
-    plt.close(figure)
-    os.replace(temporary, path)
+    save_figure_atomic(figure, path)
 
 
 def run_in_subprocess(run: dict, settings: dict, out: Path) -> dict:

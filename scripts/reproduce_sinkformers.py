@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from experiment_files import markdown_table, save_figure_atomic, write_text_atomic
 from sinkformers_vit import AttentionOnlyViT
 from torch import Tensor
 from tqdm import tqdm
@@ -163,14 +164,19 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 def table(summary: list[dict]) -> str:
     """The summary as a Markdown table."""
-    lines = ["| K | patch | lr | seeds | best test acc (%) | final test acc (%) |", "|---|---|---|---|---|---|"]
-    for row in summary:
-        lines.append(
-            f"| {row['iterations']} | {row['patch_size']} | {row['lr']:g} | {row['seeds']} "
-            f"| {row['best_test_accuracy_mean']:.2f} ± {row['best_test_accuracy_std']:.2f} "
-            f"| {row['final_test_accuracy_mean']:.2f} ± {row['final_test_accuracy_std']:.2f} |"
-        )
-    return "\n".join(lines) + "\n"
+    header = ["K", "patch", "lr", "seeds", "best test acc (%)", "final test acc (%)"]
+    rows = [
+        [
+            str(row["iterations"]),
+            str(row["patch_size"]),
+            f"{row['lr']:g}",
+            str(row["seeds"]),
+            f"{row['best_test_accuracy_mean']:.2f} ± {row['best_test_accuracy_std']:.2f}",
+            f"{row['final_test_accuracy_mean']:.2f} ± {row['final_test_accuracy_std']:.2f}",
+        ]
+        for row in summary
+    ]
+    return markdown_table(header, rows)
 
 
 def plot(summary: list[dict], settings: dict, path: Path) -> None:
@@ -204,17 +210,12 @@ def plot(summary: list[dict], settings: dict, path: Path) -> None:
     train = settings["max_train_samples"] or "all"
     figure.suptitle(f"attention-only ViT on MNIST, {settings['epochs']} epochs, train samples: {train}")
     figure.tight_layout()
-    temporary = path.with_name(path.name + ".tmp.png")
-    figure.savefig(temporary, dpi=120)
-    plt.close(figure)
-    os.replace(temporary, path)
+    save_figure_atomic(figure, path)
 
 
 def write_json(path: Path, payload: dict) -> None:
-    """Atomic write: a temp sibling, then os.replace."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(temporary, path)
+    """``payload`` as indented JSON, written atomically."""
+    write_text_atomic(path, json.dumps(payload, indent=1) + "\n")
 
 
 def recorded_runs(path: Path, settings: dict) -> list[dict]:

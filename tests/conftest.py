@@ -1,4 +1,5 @@
-"""Shared by every test package: where ../shared (real data and models, read-only) lives; Triton's interpreter."""
+"""Shared by every test package: where ../shared (real data and models, read-only) lives; Triton's interpreter; a
+one-thread fixture for packages of tiny models."""
 
 import os
 from pathlib import Path
@@ -20,3 +21,13 @@ def minilm_path() -> Path:
     if not (MINILM / "config.json").is_file():
         pytest.skip(f"the real pretrained MiniLM is not at {MINILM} (see ../shared/README.md)")
     return MINILM
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: with tiny matrices a second thread only waits for a core (and on the other
+    test runs sharing the cores), which makes tests up to 10x slower. Packages of tiny models use it autouse."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -3,12 +3,13 @@ inputs (padded for text), and a way to make attention peaked.
 
 ``tiny_config(model_type, layers, dropout, **extra)``: hidden size 16, 2 heads, feed-forward 32; text: vocabulary
 99, 64 positions; images: 32×32 pixels in 8×8 patches (Swin: 4×4 patches, windows of 2). ``extra`` overrides any
-config field.
+config field. ``save_tiny_bert`` saves a somewhat wider BERT with its tokenizer as a Hub download leaves them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -80,6 +81,32 @@ def tiny_config(model_type: str, layers: int = 2, dropout: float = 0.0, **extra:
         fields.update(mask_ratio=0.0)
     fields.update(extra)
     return getattr(transformers, config_name)(**fields)
+
+
+def save_tiny_bert(
+    directory: Path,
+    tokenizer: Any,
+    model_name: str = "BertModel",
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    **extra: Any,
+) -> Path:
+    """A random 2-layer BERT ``model_name`` (hidden size 32, 4 heads, feed-forward 64; BertConfig's dropout 0.1)
+    over ``tokenizer``'s vocabulary, saved with the tokenizer in ``directory`` (``extra``: see tiny_config)."""
+    torch.manual_seed(seed)
+    config = tiny_config(
+        "bert",
+        dropout=0.1,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=64,
+        **extra,
+    )
+    model = getattr(transformers, model_name)(config)
+    model.save_pretrained(directory, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    tokenizer.save_pretrained(directory)
+    return directory
 
 
 def make_tiny(model_type: str, attn_implementation: str = "eager", seed: int = 0, **config: Any) -> Tiny:

@@ -1,17 +1,12 @@
 """Fixtures of the adjoint tests (helpers live in adjoint_helpers.py)."""
 
 import pytest
-import torch
 from adjoint_helpers import CONFIGS
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices: several threads only wait on each other (and on the other test runs sharing the cores).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every adjoint test on one thread (tests/conftest.py says why)."""
 
 
 @pytest.fixture(params=list(CONFIGS))

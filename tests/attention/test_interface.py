@@ -105,24 +105,10 @@ def test_decoder_is_refused():
 
 
 def test_causal_text_tower_is_refused_and_dict_form_works():
+    tower = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, projection_dim=8)
     config = transformers.CLIPConfig(
-        text_config=dict(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            vocab_size=99,
-            projection_dim=8,
-        ),
-        vision_config=dict(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-            projection_dim=8,
-        ),
+        text_config=dict(tower, vocab_size=99),
+        vision_config=dict(tower, image_size=32, patch_size=8),
         projection_dim=8,
     )
     inputs = dict(input_ids=torch.randint(0, 99, (2, 5)), pixel_values=torch.randn(2, 3, 32, 32))

@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+import tiny_models
 import torch
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + (
@@ -25,25 +26,16 @@ def tiny_tokenizer():
 
 def save_tiny_bert(directory: Path, seed: int = 0, max_shard_size: str | None = None, **config_kwargs) -> Path:
     """A 2-layer random BertForSequenceClassification and its WordPiece tokenizer, saved in ``directory``."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    tokenizer = tiny_tokenizer()
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
+    return tiny_models.save_tiny_bert(
+        directory,
+        tiny_tokenizer(),
+        "BertForSequenceClassification",
+        seed,
+        max_shard_size,
         num_labels=2,
         initializer_range=0.5,  # peaked attention, far from doubly stochastic, so Sinkhorn K>1 visibly differs
         **config_kwargs,
     )
-    model = BertForSequenceClassification(config)
-    model.save_pretrained(directory, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 def text_batch(directory: Path) -> dict[str, torch.Tensor]:

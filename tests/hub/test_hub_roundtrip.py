@@ -18,15 +18,12 @@ POSITIVE, NEGATIVE, FILLER = ["sinkhorn", "doubly", "stochastic"], ["padding", "
 
 
 @pytest.fixture(autouse=True)
-def _fresh_accelerate_state_one_thread():
-    """The trainer's Accelerator is a process-wide singleton: leave none behind for other tests. One thread:
-    on a shared 2-core machine a second OpenMP thread mostly waits for a busy core."""
+def _fresh_accelerate_state_one_thread(one_thread):
+    """The trainer's Accelerator is a process-wide singleton: leave none behind for other tests. One thread (see
+    tests/conftest.py)."""
     from sinkhorn_hf.compat import reset_accelerate_state
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
     reset_accelerate_state()
 
 

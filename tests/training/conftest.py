@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import pytest
+from tiny_models import save_tiny_bert
 
 from sinkhorn_hf.compat import reset_accelerate_state
 
@@ -22,37 +23,18 @@ def _fresh_accelerate_state():
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: a second OpenMP thread only waits for a busy core (10x slower)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every training test on one thread (tests/conftest.py says why)."""
 
 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     """A random 2-layer BERT encoder and a word-level WordPiece tokenizer saved like a Hub checkpoint."""
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizer
+    from transformers import BertTokenizer
 
-    path = tmp_path_factory.mktemp("tiny_bert")
     words = VOCAB + POSITIVE + NEGATIVE
     tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(words)})
-    config = BertConfig(
-        vocab_size=len(words),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), tokenizer, max_position_embeddings=128)
 
 
 def sentiment_rows(n: int, seed: int, max_words: int = 8) -> list[tuple[str, int]]:
