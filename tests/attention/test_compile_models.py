@@ -37,8 +37,10 @@ def _model(family: str, attn_implementation: str, iterations: int, route: str):
 def _loss_and_grads(model, inputs, valid):
     hidden = model(**inputs).last_hidden_state
     loss = (hidden if valid is None else hidden[valid]).square().sum()
-    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
-    return hidden.detach(), [g for g in grads if g is not None]
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    # an unused parameter (BERT's pooler here) gets None in eager mode and zeros from a compiled graph
+    return hidden.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
 
 
 def _one_graph_equal_to_eager(tiny) -> GraphCapture:
@@ -77,9 +79,13 @@ def test_compiled_forward_and_backward_equal_eager(family, iterations, route):
     tiny = _model(family, "sinkhorn", iterations, route)
     eager_out, eager_grads = _loss_and_grads(tiny.model, tiny.inputs, tiny.valid)
     compiled = torch.compile(tiny.model, fullgraph=True)
-    out, grads = _loss_and_grads(compiled, tiny.inputs, tiny.valid)
+    # the streaming route's backward differentiates the fused SDPA inside its Function (README: Performance)
+    with torch._dynamo.config.patch(trace_autograd_ops=route == "streaming"):
+        out, grads = _loss_and_grads(compiled, tiny.inputs, tiny.valid)
     torch.testing.assert_close(out, eager_out, atol=1e-5, rtol=0)
     assert len(grads) == len(eager_grads)
     for grad, eager_grad in zip(grads, eager_grads, strict=True):
-        torch.testing.assert_close(grad, eager_grad, atol=1e-5, rtol=1e-5)
+        # Outputs agree to 1e-5; gradients to 1e-4: inductor reorders float32 sums, which moves gradient entries by
+        # up to ~2e-5 even at K=1, where the attention is plain SDPA, and 5e-5 through streaming K=3.
+        torch.testing.assert_close(grad, eager_grad, atol=1e-4, rtol=1e-5)
     torch._dynamo.reset()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +27,15 @@ def test_a_source_checkout_finds_the_template():
 
 @pytest.mark.slow
 def test_installed_template_lives_inside_the_package(tmp_path):
+    # Build from the tracked files only, as a fresh clone would: a stale build/ in the checkout would leak in.
+    source = tmp_path / "source"
+    tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files"], capture_output=True, text=True, check=True)
+    for name in tracked.stdout.splitlines():
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
     target = tmp_path / "site"
-    install = [sys.executable, "-m", "pip", "install", str(ROOT), "--target", str(target), "--no-deps",
+    install = [sys.executable, "-m", "pip", "install", str(source), "--target", str(target), "--no-deps",
                "--no-build-isolation", "--quiet"]  # fmt: skip
     done = subprocess.run(install, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
