@@ -1,5 +1,5 @@
-"""Shared by every test package: where ../shared (real data and models, read-only) lives; Triton's interpreter; a
-one-thread fixture for packages of tiny models."""
+"""Shared by every test package: where ../shared (real data and models, read-only) lives; Triton's interpreter;
+every test on one torch thread."""
 
 import os
 from pathlib import Path
@@ -23,10 +23,10 @@ def minilm_path() -> Path:
     return MINILM
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread():
-    """Torch on one thread for the test: with tiny matrices a second thread only waits for a core (and on the other
-    test runs sharing the cores), which makes tests up to 10x slower. Packages of tiny models use it autouse."""
+    """Torch on one thread for every test: the tests run tiny matrices, where a second thread only waits for a core
+    (and on other jobs sharing the cores), which makes them up to 10x slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

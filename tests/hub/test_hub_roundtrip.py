@@ -18,9 +18,8 @@ POSITIVE, NEGATIVE, FILLER = ["sinkhorn", "doubly", "stochastic"], ["padding", "
 
 
 @pytest.fixture(autouse=True)
-def _fresh_accelerate_state_one_thread(one_thread):
-    """The trainer's Accelerator is a process-wide singleton: leave none behind for other tests. One thread (see
-    tests/conftest.py)."""
+def _fresh_accelerate_state():
+    """The trainer's Accelerator is a process-wide singleton: leave none behind for other tests."""
     from sinkhorn_hf.compat import reset_accelerate_state
 
     yield

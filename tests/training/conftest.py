@@ -22,11 +22,6 @@ def _fresh_accelerate_state():
     reset_accelerate_state()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    """Every training test on one thread (tests/conftest.py says why)."""
-
-
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     """A random 2-layer BERT encoder and a word-level WordPiece tokenizer saved like a Hub checkpoint."""
