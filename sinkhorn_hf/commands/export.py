@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 
 from ..hub.export import DEFAULT_TOLERANCE
+from . import add_command, fail
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "export",
+        run,
         help="export a Sinkhorn checkpoint to ONNX (checked in ONNX Runtime)",
         description="Load MODEL with Sinkhorn attention and the sinkhorn_* settings of its config, export it with "
         "torch.onnx.export (dynamo) with dynamic batch and sequence axes, run it in ONNX Runtime on a padded sample "
@@ -25,7 +28,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help=f"largest |ONNX Runtime - PyTorch| accepted (default {DEFAULT_TOLERANCE:g})",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT.onnx")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,9 +37,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = export_onnx(args.model, args.output, overwrite=args.overwrite, tolerance=args.tolerance)
     except (ExportError, UnsupportedModelError) as error:
-        raise SystemExit(f"sinkhorn-hf export: error: {error}") from None
+        fail("export", error)
     except ImportError as error:
-        raise SystemExit(f"sinkhorn-hf export: error: {error} (pip install onnx onnxscript onnxruntime)") from None
+        fail("export", f"{error} (pip install onnx onnxscript onnxruntime)")
     settings = report.settings
     print(f"exported {report.source} -> {report.output}")
     print(f"attention: sinkhorn, iterations={settings.iterations}, tolerance={settings.tolerance}")
