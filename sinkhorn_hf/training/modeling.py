@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 from transformers import AutoConfig, PreTrainedConfig
 
+from ..attention import register
 from .arguments import ModelArguments
 from .lora import apply_lora
 
@@ -42,7 +43,7 @@ def build_model(
     """Instantiate ``auto_class`` (e.g. ``AutoModelForSequenceClassification``) with the requested attention,
     adjoint scheme and LoRA adapters. Returns the model and the LoRA target modules (None without LoRA)."""
     if model_args.attn_implementation == "sinkhorn":
-        import sinkhorn_hf  # noqa: F401  (registers the "sinkhorn" attention)
+        register()  # idempotent (importing sinkhorn_hf registered it): the dependency stated, not assumed
 
         model_args.sinkhorn_settings.to_config(config)
     if model_args.model_name_or_path is not None:
