@@ -240,7 +240,7 @@ def plot(summary: list[dict], settings: dict, path: Path) -> None:
         f"{settings['train_samples']} train images, {settings['epochs']} epoch(s), device {settings['device']}"
     )
     figure.tight_layout()
-    save_figure_atomic(figure, path)
+    save_figure_atomic(figure, path, dpi=120)
 
 
 def run_in_subprocess(run: dict, settings: dict, out: Path) -> dict:

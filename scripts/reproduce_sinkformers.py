@@ -210,7 +210,7 @@ def plot(summary: list[dict], settings: dict, path: Path) -> None:
     train = settings["max_train_samples"] or "all"
     figure.suptitle(f"attention-only ViT on MNIST, {settings['epochs']} epochs, train samples: {train}")
     figure.tight_layout()
-    save_figure_atomic(figure, path)
+    save_figure_atomic(figure, path, dpi=120)
 
 
 def recorded_runs(path: Path, settings: dict) -> list[dict]:
