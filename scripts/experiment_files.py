@@ -1,36 +1,24 @@
-"""Files the experiment scripts write: atomically, so that a killed run leaves the previous results readable; and
-the Markdown tables they print."""
+"""Files the experiment scripts write: atomically (:mod:`sinkhorn_hf.atomic_files`), so that a killed run leaves the
+previous results readable; the ``results.json`` of a grid of runs; and the Markdown tables they print."""
 
 from __future__ import annotations
 
-import os
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+
+from sinkhorn_hf.atomic_files import save_figure_atomic, write_json_atomic, write_text_atomic
+
+__all__ = ["markdown_table", "save_figure_atomic", "write_grid_results", "write_json_atomic", "write_text_atomic"]
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary sibling and a rename: readers see the old or the new file."""
-    with tempfile.NamedTemporaryFile(
-        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    ) as tmp:
-        try:
-            tmp.write(text)
-        except BaseException:
-            tmp.close()
-            os.unlink(tmp.name)  # our own temporary file, never the target
-            raise
-    os.replace(tmp.name, path)
-
-
-def save_figure_atomic(figure: Any, path: Path) -> None:
-    """Save a matplotlib ``figure`` as a 120 dpi PNG through a temporary sibling and a rename, then close it."""
-    import matplotlib.pyplot as plt
-
-    temporary = path.with_name(f".{path.name}.tmp.png")  # .png: savefig picks the format from the name
-    figure.savefig(temporary, dpi=120)
-    plt.close(figure)
-    os.replace(temporary, path)
+def write_grid_results(
+    path: Path, settings: dict, runs: list[dict], summarise: Callable[[list[dict]], list[dict]]
+) -> list[dict]:
+    """Write ``{"settings": settings, "runs": runs, "summary": summarise(runs)}`` to ``path`` atomically (JSON,
+    indent 1); returns the summary. Rewritten after every finished run, so a cut-short grid keeps what it did."""
+    summary = summarise(runs)
+    write_json_atomic(path, {"settings": settings, "runs": runs, "summary": summary}, indent=1)
+    return summary
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

@@ -35,8 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from experiment_files import markdown_table, save_figure_atomic
-from reproduce_sinkformers import write_json
+from experiment_files import markdown_table, save_figure_atomic, write_grid_results, write_json_atomic
 
 SCHEMES = ("off", "checkpoint", "euler", "heun", "auto")
 TEST_BATCH = 1000
@@ -241,7 +240,7 @@ def plot(summary: list[dict], settings: dict, path: Path) -> None:
         f"{settings['train_samples']} train images, {settings['epochs']} epoch(s), device {settings['device']}"
     )
     figure.tight_layout()
-    save_figure_atomic(figure, path)
+    save_figure_atomic(figure, path, dpi=120)
 
 
 def run_in_subprocess(run: dict, settings: dict, out: Path) -> dict:
@@ -269,7 +268,7 @@ def finished_runs(out: Path, settings: dict) -> list[dict]:
             )
             raise SystemExit(f"{out} holds runs made with other settings ({differences}); pass another --out.")
     else:
-        write_json(settings_path, settings)
+        write_json_atomic(settings_path, settings, indent=1)
     return [json.loads(path.read_text()) for path in sorted((out / "runs").glob("*.json"))]
 
 
@@ -313,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     settings_path = args.out / "settings.json"
     if args.worker:
         run, settings = json.loads(args.worker), json.loads(settings_path.read_text())
-        write_json(args.out / "runs" / f"{run_name(run)}.json", train_run(run, settings, settings["device"]))
+        record = train_run(run, settings, settings["device"])
+        write_json_atomic(args.out / "runs" / f"{run_name(run)}.json", record, indent=1)
         return 0
     import numpy as np
     import torch
@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     for index, run in enumerate(todo, 1):
         record = run_in_subprocess(run, settings, args.out)
         runs.append(record)
-        write_json(results, {"settings": settings, "runs": runs, "summary": summarise(runs)})
+        write_grid_results(results, settings, runs, summarise)
         print(
             f"[{index}/{len(todo)}] {run_name(run)}: test acc {record['test_accuracy']:.2f} %, "
             f"peak {record['peak_activation_bytes'] / _MIB:.1f} MiB, step {record['step_seconds']:.3f} s, "
@@ -371,8 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
-    summary = summarise(runs)
-    write_json(results, {"settings": settings, "runs": runs, "summary": summary})
+    summary = write_grid_results(results, settings, runs, summarise)
     print(table(summary), end="")
     plot(summary, settings, args.out / "accuracy_vs_depth.png")
     return 0

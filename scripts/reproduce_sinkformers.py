@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from experiment_files import markdown_table, save_figure_atomic, write_text_atomic
+from experiment_files import markdown_table, save_figure_atomic, write_grid_results
 from sinkformers_vit import AttentionOnlyViT
 from torch import Tensor
 from tqdm import tqdm
@@ -210,12 +210,7 @@ def plot(summary: list[dict], settings: dict, path: Path) -> None:
     train = settings["max_train_samples"] or "all"
     figure.suptitle(f"attention-only ViT on MNIST, {settings['epochs']} epochs, train samples: {train}")
     figure.tight_layout()
-    save_figure_atomic(figure, path)
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """``payload`` as indented JSON, written atomically."""
-    write_text_atomic(path, json.dumps(payload, indent=1) + "\n")
+    save_figure_atomic(figure, path, dpi=120)
 
 
 def recorded_runs(path: Path, settings: dict) -> list[dict]:
@@ -313,9 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     for run in todo:
         runs.append(train_run(run, data, args.device))
-        write_json(results, {"settings": settings, "runs": runs, "summary": summarise(runs)})
-    summary = summarise(runs)
-    write_json(results, {"settings": settings, "runs": runs, "summary": summary})
+        write_grid_results(results, settings, runs, summarise)
+    summary = write_grid_results(results, settings, runs, summarise)
     print(table(summary), end="")
     plot(summary, settings, args.out / "accuracy_vs_patch_size.png")
     return 0

@@ -3,7 +3,6 @@ drifts toward it), per layer and head, over valid tokens only."""
 
 from __future__ import annotations
 
-import os
 import textwrap
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -15,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import compat
+from ..atomic_files import save_figure_atomic
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -124,12 +124,4 @@ def plot_column_spread(
     reports: MarginalReport | Mapping[str, MarginalReport], path: str | Path, title: str = ""
 ) -> Path:
     """Save :func:`column_spread_figure` of ``reports`` as a PNG at ``path`` (written atomically)."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.png")
-    try:
-        column_spread_figure(reports, title).savefig(temporary, format="png")
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    return path
+    return save_figure_atomic(column_spread_figure(reports, title), path, format="png")

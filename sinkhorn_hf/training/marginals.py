@@ -17,8 +17,6 @@ Wiring into a training loop::
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import compat
+from ..atomic_files import save_figure_atomic, write_json_atomic
 from ..attention.diagnostics import marginal_report
 
 QUANTILES = 101  # points of the sorted column-sum curve kept per layer and step (0 %, 1 %, ..., 100 %)
@@ -142,10 +141,9 @@ class MarginalTracker:
         column sums across training) into ``output_dir``, atomically; returns their paths."""
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        json_path = output_dir / "attention_marginals.json"
-        temporary = json_path.with_name(json_path.name + ".tmp")
-        temporary.write_text(json.dumps({"quantiles": QUANTILES, "records": self.records}, indent=1) + "\n")
-        os.replace(temporary, json_path)
+        json_path = write_json_atomic(
+            output_dir / "attention_marginals.json", {"quantiles": QUANTILES, "records": self.records}, indent=1
+        )
         if not plot:
             return {"json": json_path}
         return {"json": json_path, "png": plot_drift(self.records, output_dir / "attention_marginals.png", self.title)}
@@ -210,9 +208,4 @@ def plot_drift(records: list[dict], path: str | Path, title: str = "") -> Path:
         ax.set_ylabel("column sum")
     figure.colorbar(matplotlib.cm.ScalarMappable(norm, colours), ax=panels[:n_layers], label="training step")
     figure.suptitle(title or "SoftMax attention column sums during training (1 = doubly stochastic)", fontsize=11)
-    path = Path(path)
-    temporary = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(temporary, dpi=120, bbox_inches="tight")
-    plt.close(figure)
-    os.replace(temporary, path)
-    return path
+    return save_figure_atomic(figure, path, dpi=120, bbox_inches="tight")

@@ -11,7 +11,6 @@ import os
 import resource
 import shlex
 import sys
-import tempfile
 import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -20,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..atomic_files import write_json_atomic
 from .arguments import ModelArguments, TrainerArguments
 
 RESULTS_FILE = "results.json"
@@ -74,16 +74,7 @@ class RunResults(RunInfo):
 
     def write(self, output_dir: str | Path) -> Path:
         """Write ``output_dir/results.json`` atomically (a temporary sibling renamed over it)."""
-        path = Path(output_dir) / RESULTS_FILE
-        handle, temporary = tempfile.mkstemp(prefix=f".{RESULTS_FILE}.", dir=path.parent)
-        try:
-            with os.fdopen(handle, "w") as file:
-                file.write(json.dumps(self.to_dict(), indent=2) + "\n")
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
-        return path
+        return write_json_atomic(Path(output_dir) / RESULTS_FILE, self.to_dict())
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "results") -> RunResults:
