@@ -48,7 +48,7 @@ def _rss_bytes(field: str) -> int:
 
 def build_model(depth: int, hidden: int, heads: int, image_size: int, patch_size: int):
     """A SoftMax ViT classifier (10 classes, 1 channel) of ``depth`` layers, random init, no dropout."""
-    from transformers import ViTConfig, ViTForImageClassification
+    from transformers import AutoModelForImageClassification, ViTConfig
 
     config = ViTConfig(
         image_size=image_size,
@@ -62,7 +62,7 @@ def build_model(depth: int, hidden: int, heads: int, image_size: int, patch_size
         attention_probs_dropout_prob=0.0,
         num_labels=10,
     )
-    return ViTForImageClassification._from_config(config, attn_implementation="sdpa")
+    return AutoModelForImageClassification.from_config(config, attn_implementation="sdpa")
 
 
 class PeakMemory:
