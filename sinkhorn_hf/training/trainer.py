@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import RNG_STATE_NAME, ProjectConfiguration, load, set_seed
+from accelerate.utils import RNG_STATE_NAME, DistributedType, ProjectConfiguration, load, parse_flag_from_env, set_seed
 from peft import PeftModel
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ..adjoint import adjoint_stacks, auto_choices, describe_adjoint, restore_auto_choices
+from ..adjoint.api import check_adjoint_under_fsdp
 from .arguments import TrainerArguments
 from .checkpoints import (
     TRAINER_STATE_FILE,
@@ -91,6 +92,13 @@ def make_accelerator(args: TrainerArguments) -> Accelerator:
             "this process was launched for distributed training but runs alone: `accelerate launch --cpu "
             "--num_processes N` needs MPI (--mpirun_hostfile). For N CPU processes use `accelerate launch "
             "--multi_gpu --num_processes N` (no GPU needed) or `torchrun --nproc_per_node N`."
+        )
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and accelerator.distributed_type != DistributedType.FSDP:
+        # accelerate turns FSDP on for accelerator devices only, and otherwise ignores the request.
+        raise RuntimeError(
+            "FSDP was asked for (`accelerate launch --use_fsdp`), but accelerate runs FSDP on GPUs (and other "
+            f"accelerators) only: here it would train as {accelerator.distributed_type.value}, with every parameter "
+            "whole on every process. On CPUs use `accelerate launch --multi_gpu --num_processes N` (DDP)."
         )
     set_seed(args.seed)
     return accelerator
@@ -151,6 +159,8 @@ class Trainer:
         # The adjoint's stacks are named by their path in the model enable_adjoint got: under LoRA, the base model.
         self.adjoint_model = model.get_base_model() if isinstance(model, PeftModel) else model
         self.adjoint_on = any(stack.scheme != "off" for stack in adjoint_stacks(self.adjoint_model))
+        # The adjoint is enabled before accelerate shards the model: refuse here what would fail under FSDP.
+        check_adjoint_under_fsdp(self.adjoint_model, self.accelerator.distributed_type == DistributedType.FSDP)
 
     # ---------------------------------------------------------------- set-up
     def _prepare(self) -> None:
