@@ -439,6 +439,7 @@ class Trainer:
         acc, state = self.accelerator, self.state
         acc.wait_for_everyone()
         model = acc.unwrap_model(self.model)
+        state_dict = None
         if isinstance(model, PeftModel):
             # The adapter alone cannot be loaded, carded or pushed as a model: keep it in adapter/ and save the
             # merged weights at the top, so the run directory loads with from_pretrained like any other run.
@@ -446,7 +447,12 @@ class Trainer:
                 Path(self.args.output_dir) / ADAPTER_DIR, is_main_process=acc.is_main_process, save_function=acc.save
             )
             model = model.merge_and_unload()
-        model.save_pretrained(self.args.output_dir, is_main_process=acc.is_main_process, save_function=acc.save)
+        elif acc.distributed_type == DistributedType.FSDP:
+            # Every process holds shards: gather the whole weights (a collective, on every process).
+            state_dict = acc.get_state_dict(self.model)
+        model.save_pretrained(
+            self.args.output_dir, is_main_process=acc.is_main_process, save_function=acc.save, state_dict=state_dict
+        )
         if self.processing_class is not None and acc.is_main_process:
             self.processing_class.save_pretrained(self.args.output_dir)
         final = state.history[-1]

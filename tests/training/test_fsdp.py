@@ -27,7 +27,8 @@ from sinkhorn_hf.training.arguments import TrainerArguments
 from sinkhorn_hf.training.trainer import Trainer, make_accelerator
 
 STEPS = 3
-CASES = [("off", 2), ("euler", 2), ("checkpoint", 2), ("momentum", 2), ("euler", 1)]  # (adjoint scheme, FSDP version)
+# (adjoint scheme, FSDP version)
+CASES = [("off", 2), ("euler", 2), ("heun", 2), ("checkpoint", 2), ("momentum", 2), ("euler", 1)]
 AUTO_REFUSED = "'auto' does not run under FSDP"
 
 
