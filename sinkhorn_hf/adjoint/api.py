@@ -57,6 +57,8 @@ def enable_adjoint(
     ``residual_scale`` multiplies every residual branch (``"1/L"``: one over the stack depth, for ODE-like
     models); it is stored as ``config.adjoint_residual_scale`` (None: read it from there, default 1), survives
     ``save_pretrained``, and a model built from such a config (``from_pretrained``, ``from_config``) runs with it.
+    Under FSDP (1 or 2) every scheme but ``"auto"`` works (see :func:`check_adjoint_under_fsdp`); enable it on the
+    model before FSDP shards it.
     Returns the attached stacks (their ``anchors``, ``choice`` and :meth:`~.attach.AdjointStack.describe`).
     """
     if scheme not in SCHEMES:
@@ -71,6 +73,12 @@ def enable_adjoint(
         raise ValueError(f"allow_inexact must be True or False, got {allow_inexact!r}.")
     if fsdp_in_use(model):
         _refuse_under_fsdp(scheme)
+    if scheme != OFF and _sharded(model):
+        raise ValueError(
+            "enable_adjoint got a model that FSDP has already sharded; enable the adjoint before sharding (before "
+            "accelerator.prepare or fully_shard): its stacks are found on the plain model, and they keep working "
+            "once FSDP wraps the layers."
+        )
     config = getattr(model, "config", None)
     if residual_scale is not None:
         _resolve_scale(residual_scale, 1)
@@ -101,17 +109,23 @@ def enable_adjoint(
     ]
 
 
+def _sharded(model: nn.Module) -> bool:
+    """Whether a module of ``model`` is wrapped by FSDP1 or FSDP2."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
+
+
 def fsdp_in_use(model: nn.Module) -> bool:
     """Whether FSDP shards ``model`` or will: a module inside it wrapped by FSDP1 or FSDP2, an initialized
     accelerate state that uses FSDP, or the environment ``accelerate launch --use_fsdp`` sets."""
     from accelerate.state import AcceleratorState, is_initialized
     from accelerate.utils import DistributedType, parse_flag_from_env
 
-    if torch.distributed.is_available():
-        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
-        if any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules()):
-            return True
+    if _sharded(model):
+        return True
     if is_initialized() and AcceleratorState().distributed_type == DistributedType.FSDP:
         return True
     return parse_flag_from_env("ACCELERATE_USE_FSDP")

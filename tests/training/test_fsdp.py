@@ -153,7 +153,7 @@ def test_auto_adjoint_refused_when_accelerate_launches_fsdp(monkeypatch):
     assert [s.scheme for s in enable_adjoint(model, "euler")] == ["euler"]
 
 
-def test_auto_adjoint_refused_on_an_fsdp2_model(monkeypatch):
+def test_adjoint_on_an_fsdp2_model_refuses_auto_and_late_enabling(monkeypatch):
     from torch.distributed.fsdp import fully_shard
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
@@ -170,6 +170,8 @@ def test_auto_adjoint_refused_on_an_fsdp2_model(monkeypatch):
             check_adjoint_under_fsdp(model)
         with pytest.raises(ValueError, match=AUTO_REFUSED):
             enable_adjoint(model, "auto")
+        with pytest.raises(ValueError, match="enable the adjoint before sharding"):
+            enable_adjoint(model, "euler")
     finally:
         dist.destroy_process_group()
 
