@@ -159,8 +159,15 @@ class Trainer:
         # The adjoint's stacks are named by their path in the model enable_adjoint got: under LoRA, the base model.
         self.adjoint_model = model.get_base_model() if isinstance(model, PeftModel) else model
         self.adjoint_on = any(stack.scheme != "off" for stack in adjoint_stacks(self.adjoint_model))
-        # The adjoint is enabled before accelerate shards the model: refuse here what would fail under FSDP.
-        check_adjoint_under_fsdp(self.adjoint_model, self.accelerator.distributed_type == DistributedType.FSDP)
+        # Refuse here what would fail under FSDP (the adjoint is enabled before accelerate shards the model).
+        fsdp = self.accelerator.distributed_type == DistributedType.FSDP
+        check_adjoint_under_fsdp(self.adjoint_model, fsdp)
+        if fsdp and args.track_attention_marginals:
+            raise ValueError(
+                "--track_attention_marginals runs the model in the main process alone, which FSDP's sharded "
+                "parameters do not allow (the other processes must join every forward): train with DDP "
+                "(`accelerate launch --multi_gpu`) to track marginals, or drop the flag."
+            )
 
     # ---------------------------------------------------------------- set-up
     def _prepare(self) -> None:

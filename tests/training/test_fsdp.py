@@ -176,21 +176,33 @@ def test_adjoint_on_an_fsdp2_model_refuses_auto_and_late_enabling(monkeypatch):
         dist.destroy_process_group()
 
 
+def _trainer_under_fsdp(model, args: TrainerArguments) -> Trainer:
+    """A Trainer whose accelerator uses FSDP (a stand-in: accelerate builds none on CPU)."""
+    return Trainer(
+        model,
+        args,
+        train_dataset=[],
+        eval_datasets={"": []},
+        data_collator=None,
+        compute_metrics=None,
+        accelerator=SimpleNamespace(distributed_type=DistributedType.FSDP),
+        run_info=None,
+    )
+
+
 def test_trainer_refuses_auto_adjoint_under_fsdp(tmp_path):
     model = make_tiny("bert").model
     enable_adjoint(model, "auto")  # before accelerate's FSDP state exists, as a script would
-    fsdp_accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP)
     with pytest.raises(ValueError, match=AUTO_REFUSED):
-        Trainer(
-            model,
-            TrainerArguments(output_dir=str(tmp_path)),
-            train_dataset=[],
-            eval_datasets={"": []},
-            data_collator=None,
-            compute_metrics=None,
-            accelerator=fsdp_accelerator,
-            run_info=None,
-        )
+        _trainer_under_fsdp(model, TrainerArguments(output_dir=str(tmp_path)))
+    enable_adjoint(model, "euler")
+    assert _trainer_under_fsdp(model, TrainerArguments(output_dir=str(tmp_path))).adjoint_on
+
+
+def test_trainer_refuses_marginal_tracking_under_fsdp(tmp_path):
+    args = TrainerArguments(output_dir=str(tmp_path), track_attention_marginals=5)
+    with pytest.raises(ValueError, match="train with DDP"):
+        _trainer_under_fsdp(make_tiny("bert").model, args)
 
 
 def test_fsdp_asked_for_on_cpu_is_refused(monkeypatch, tmp_path):
