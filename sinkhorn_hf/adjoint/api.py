@@ -1,11 +1,13 @@
 """The public face of the adjoint: :func:`enable_adjoint`, :func:`disable_adjoint`, :func:`probe_adjoint`,
-:func:`describe_adjoint`, and :func:`auto_choices` / :func:`restore_auto_choices` for resumed training."""
+:func:`describe_adjoint`, :func:`auto_choices` / :func:`restore_auto_choices` for resumed training, and
+:func:`check_adjoint_under_fsdp` for trainers that shard the model."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from .. import compat
@@ -55,6 +57,8 @@ def enable_adjoint(
     ``residual_scale`` multiplies every residual branch (``"1/L"``: one over the stack depth, for ODE-like
     models); it is stored as ``config.adjoint_residual_scale`` (None: read it from there, default 1), survives
     ``save_pretrained``, and a model built from such a config (``from_pretrained``, ``from_config``) runs with it.
+    Under FSDP (1 or 2) every scheme but ``"auto"`` works (see :func:`check_adjoint_under_fsdp`); enable it on the
+    model before FSDP shards it.
     Returns the attached stacks (their ``anchors``, ``choice`` and :meth:`~.attach.AdjointStack.describe`).
     """
     if scheme not in SCHEMES:
@@ -67,6 +71,14 @@ def enable_adjoint(
         raise ValueError(f"momentum must lie in (0, 1) (0 cannot be inverted), got {momentum!r}.")
     if not isinstance(allow_inexact, bool):
         raise ValueError(f"allow_inexact must be True or False, got {allow_inexact!r}.")
+    if fsdp_in_use(model):
+        _refuse_under_fsdp(scheme)
+    if scheme != OFF and _sharded(model):
+        raise ValueError(
+            "enable_adjoint got a model that FSDP has already sharded; enable the adjoint before sharding (before "
+            "accelerator.prepare or fully_shard): its stacks are found on the plain model, and they keep working "
+            "once FSDP wraps the layers."
+        )
     config = getattr(model, "config", None)
     if residual_scale is not None:
         _resolve_scale(residual_scale, 1)
@@ -95,6 +107,49 @@ def enable_adjoint(
         )
         for s in stacks
     ]
+
+
+def _sharded(model: nn.Module) -> bool:
+    """Whether a module of ``model`` is wrapped by FSDP1 or FSDP2."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
+
+
+def fsdp_in_use(model: nn.Module) -> bool:
+    """Whether FSDP shards ``model`` or will: a module inside it wrapped by FSDP1 or FSDP2, an initialized
+    accelerate state that uses FSDP, or the environment ``accelerate launch --use_fsdp`` sets."""
+    from accelerate.state import AcceleratorState, is_initialized
+    from accelerate.utils import DistributedType, parse_flag_from_env
+
+    if _sharded(model):
+        return True
+    if is_initialized() and AcceleratorState().distributed_type == DistributedType.FSDP:
+        return True
+    return parse_flag_from_env("ACCELERATE_USE_FSDP")
+
+
+def check_adjoint_under_fsdp(model: nn.Module, sharded: bool | None = None) -> None:
+    """Raise ``ValueError`` if an adjoint stack of ``model`` cannot run under FSDP, when FSDP is used (``sharded``;
+    None: as :func:`fsdp_in_use` finds). FSDP (1 and 2) gathers a wrapped layer's parameters around each of its
+    calls, in forward and in backward: the schemes that run one layer at a time work, ``"auto"`` (whose probe
+    evaluates every layer at once) is refused. For a trainer to call before it shards a model on which the
+    adjoint was enabled earlier (enable_adjoint checks by itself)."""
+    if sharded if sharded is not None else fsdp_in_use(model):
+        for stack in adjoint_stacks(model):
+            _refuse_under_fsdp(stack.scheme)
+
+
+def _refuse_under_fsdp(scheme: str) -> None:
+    if scheme == AUTO:
+        raise ValueError(
+            "adjoint scheme 'auto' does not run under FSDP: its probe evaluates every layer at once, while FSDP "
+            "gathers the parameters of only the layer that runs. Under FSDP choose 'euler', 'heun', 'momentum' or "
+            "'checkpoint' (each runs one layer at a time), or keep 'auto' and train with DDP "
+            "(`accelerate launch --multi_gpu`)."
+        )
 
 
 def disable_adjoint(model: nn.Module) -> None:

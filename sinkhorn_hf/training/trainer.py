@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import RNG_STATE_NAME, ProjectConfiguration, load, set_seed
+from accelerate.utils import RNG_STATE_NAME, DistributedType, ProjectConfiguration, load, parse_flag_from_env, set_seed
 from peft import PeftModel
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ..adjoint import adjoint_stacks, auto_choices, describe_adjoint, restore_auto_choices
+from ..adjoint.api import check_adjoint_under_fsdp
 from .arguments import TrainerArguments
 from .checkpoints import (
     TRAINER_STATE_FILE,
@@ -91,6 +92,13 @@ def make_accelerator(args: TrainerArguments) -> Accelerator:
             "this process was launched for distributed training but runs alone: `accelerate launch --cpu "
             "--num_processes N` needs MPI (--mpirun_hostfile). For N CPU processes use `accelerate launch "
             "--multi_gpu --num_processes N` (no GPU needed) or `torchrun --nproc_per_node N`."
+        )
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and accelerator.distributed_type != DistributedType.FSDP:
+        # accelerate turns FSDP on for accelerator devices only, and otherwise ignores the request.
+        raise RuntimeError(
+            "FSDP was asked for (`accelerate launch --use_fsdp`), but accelerate runs FSDP on GPUs (and other "
+            f"accelerators) only: here it would train as {accelerator.distributed_type.value}, with every parameter "
+            "whole on every process. On CPUs use `accelerate launch --multi_gpu --num_processes N` (DDP)."
         )
     set_seed(args.seed)
     return accelerator
@@ -151,6 +159,15 @@ class Trainer:
         # The adjoint's stacks are named by their path in the model enable_adjoint got: under LoRA, the base model.
         self.adjoint_model = model.get_base_model() if isinstance(model, PeftModel) else model
         self.adjoint_on = any(stack.scheme != "off" for stack in adjoint_stacks(self.adjoint_model))
+        # Refuse here what would fail under FSDP (the adjoint is enabled before accelerate shards the model).
+        fsdp = self.accelerator.distributed_type == DistributedType.FSDP
+        check_adjoint_under_fsdp(self.adjoint_model, fsdp)
+        if fsdp and args.track_attention_marginals:
+            raise ValueError(
+                "--track_attention_marginals runs the model in the main process alone, which FSDP's sharded "
+                "parameters do not allow (the other processes must join every forward): train with DDP "
+                "(`accelerate launch --multi_gpu`) to track marginals, or drop the flag."
+            )
 
     # ---------------------------------------------------------------- set-up
     def _prepare(self) -> None:
@@ -429,6 +446,7 @@ class Trainer:
         acc, state = self.accelerator, self.state
         acc.wait_for_everyone()
         model = acc.unwrap_model(self.model)
+        state_dict = None
         if isinstance(model, PeftModel):
             # The adapter alone cannot be loaded, carded or pushed as a model: keep it in adapter/ and save the
             # merged weights at the top, so the run directory loads with from_pretrained like any other run.
@@ -436,7 +454,12 @@ class Trainer:
                 Path(self.args.output_dir) / ADAPTER_DIR, is_main_process=acc.is_main_process, save_function=acc.save
             )
             model = model.merge_and_unload()
-        model.save_pretrained(self.args.output_dir, is_main_process=acc.is_main_process, save_function=acc.save)
+        elif acc.distributed_type == DistributedType.FSDP:
+            # Every process holds shards: gather the whole weights (a collective, on every process).
+            state_dict = acc.get_state_dict(self.model)
+        model.save_pretrained(
+            self.args.output_dir, is_main_process=acc.is_main_process, save_function=acc.save, state_dict=state_dict
+        )
         if self.processing_class is not None and acc.is_main_process:
             self.processing_class.save_pretrained(self.args.output_dir)
         final = state.history[-1]
