@@ -1,7 +1,8 @@
 """Adjoint-memory residual stacks: backward passes that rebuild layer inputs instead of storing them.
 
 Public entry points: :func:`enable_adjoint`, :func:`disable_adjoint`, :func:`probe_adjoint`,
-:func:`describe_adjoint`, :func:`auto_choices`, :func:`restore_auto_choices`. Importing the package makes
+:func:`describe_adjoint`, :func:`auto_choices`, :func:`restore_auto_choices`, and :func:`check_adjoint_under_fsdp`
+(which schemes FSDP allows). Importing the package makes
 transformers models built from a config that stores ``adjoint_residual_scale`` run with that scale.
 """
 
@@ -10,9 +11,11 @@ from .api import (
     SCALE_ATTRIBUTE,
     apply_stored_residual_scale,
     auto_choices,
+    check_adjoint_under_fsdp,
     describe_adjoint,
     disable_adjoint,
     enable_adjoint,
+    fsdp_in_use,
     install_residual_scale_at_load,
     probe_adjoint,
     restore_auto_choices,
@@ -39,9 +42,11 @@ __all__ = [
     "adjoint_stacks",
     "apply_stored_residual_scale",
     "auto_choices",
+    "check_adjoint_under_fsdp",
     "describe_adjoint",
     "disable_adjoint",
     "enable_adjoint",
+    "fsdp_in_use",
     "find_stacks",
     "install_residual_scale_at_load",
     "probe_adjoint",

@@ -32,8 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from ..adjoint import adjoint_stacks, auto_choices, describe_adjoint, restore_auto_choices
-from ..adjoint.api import check_adjoint_under_fsdp
+from ..adjoint import adjoint_stacks, auto_choices, check_adjoint_under_fsdp, describe_adjoint, restore_auto_choices
 from .arguments import TrainerArguments
 from .checkpoints import (
     TRAINER_STATE_FILE,

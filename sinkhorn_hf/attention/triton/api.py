@@ -80,6 +80,14 @@ def triton_unsupported_reason(
     return None
 
 
+def default_tiles(dtype: torch.dtype) -> tuple[int, int]:
+    """(block_m, block_n) that fit one block's shared memory on every GPU of compute capability 8.0 and up (the
+    least is 101 376 B, on sm_86/89/120), head dims up to 128: 64 × 64 for float16/bfloat16 (needs at most
+    82 432 B on sm_86), 32 × 32 for float32 (94 592 B), where 64 × 64 needs 131 840 B at D=64 and 213 760 B at
+    D=128 (over an A100's 166 912 B). Measured with scripts/compile_triton_kernels.py."""
+    return (64, 64) if torch.empty((), dtype=dtype).element_size() <= 2 else (32, 32)
+
+
 def _check_block(name: str, size: int) -> None:
     if isinstance(size, bool) or not isinstance(size, int) or size < 16 or size & (size - 1):
         raise ValueError(f"{name} must be a power of two >= 16 (a Triton tile dimension), got {size!r}")
@@ -96,8 +104,8 @@ def triton_sinkhorn_attention(
     query_valid: Tensor | None = None,
     scale: float | None = None,
     dropout: float = 0.0,
-    block_m: int = 64,
-    block_n: int = 64,
+    block_m: int | None = None,
+    block_n: int | None = None,
 ) -> Tensor:
     """O = A V with A = exp(S + u 1ᵀ + 1 vᵀ) after ``iterations`` K Sinkhorn half-steps (rows first, K = 1 is
     SoftMax) on S = scale·Q Kᵀ + bias, as fused Triton kernels (forward and exact backward).
@@ -106,10 +114,14 @@ def triton_sinkhorn_attention(
     accumulation). ``allowed`` bool (B, 1|H, Lq|1, Lk), True = may carry mass (default: all); ``bias`` float,
     broadcastable to (B, H, Lq, Lk), differentiable; ``query_valid`` bool (B, 1|H, Lq, 1): padded queries are
     left out of the column marginals and, for even K, take one more row step (default: all valid, no extra step).
-    ``scale`` defaults to 1/sqrt(D). ``block_m`` queries and ``block_n`` keys per tile. Raises
-    :class:`TritonUnsupportedError` where :func:`triton_unsupported_reason` gives a reason (e.g. ``dropout`` > 0).
+    ``scale`` defaults to 1/sqrt(D). ``block_m`` queries and ``block_n`` keys per tile (default:
+    :func:`default_tiles`). Raises :class:`TritonUnsupportedError` where :func:`triton_unsupported_reason` gives
+    a reason (e.g. ``dropout`` > 0).
     """
     check_iterations(iterations, "iterations")
+    default_m, default_n = default_tiles(query.dtype)
+    block_m = default_m if block_m is None else block_m
+    block_n = default_n if block_n is None else block_n
     _check_block("block_m", block_m)
     _check_block("block_n", block_n)
     reason = triton_unsupported_reason(query, key, value, dropout=dropout)

@@ -35,61 +35,45 @@ from .tiles import (
 
 
 @triton.jit
-def row_pass_kernel(
+def reduce_pass_kernel(
     P, ST, N, ROW_SHIFT, COLUMN_SHIFT, WEIGHT, OUT,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_BIAS: tl.constexpr, COLUMN: tl.constexpr, LSE: tl.constexpr,
+    BLOCK_OWN: tl.constexpr, BLOCK_OTHER: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+    COLUMN: tl.constexpr, LSE: tl.constexpr, OWN: tl.constexpr,
 ):  # fmt: skip
-    """Per query, over the (row or COLUMN) support: lse_k(S + a + c) if LSE, else Σ_k e^{S + a + c} w_k."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """Per query (OWN=0, reducing over keys) or per key (OWN=1, over queries), on the (row or COLUMN) support:
+    lse(S + a + c) if LSE, else Σ e^{S + a + c} w with w along the reduced axis. One kernel for both directions
+    (the constexpr OWN picks the roles at compile time), so the two passes cannot drift apart."""
+    AXIS: tl.constexpr = 1 - OWN  # the reduced axis of a (query, key) tile
+    offs = tl.program_id(0) * BLOCK_OWN + tl.arange(0, BLOCK_OWN)
     offs_d = tl.arange(0, BLOCK_D)
-    q = load_rows(P, ST, N, 0, offs_m, offs_d)
-    row_shift = load_vector(ROW_SHIFT, offs_m, N[1])
-    peak = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    total = tl.zeros((BLOCK_M,), tl.float32)
-    for start in range(0, N[2], BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        s = score_tile(P, ST, N, q, load_rows(P, ST, N, 1, offs_n, offs_d), offs_m, offs_n, HAS_BIAS)
-        support = support_tile(P, ST, N, offs_m, offs_n, COLUMN)
-        logits = shifted_logits(s, support, row_shift, load_vector(COLUMN_SHIFT, offs_n, N[2]))
-        if LSE:
-            new_peak = tl.maximum(peak, tl.max(logits, 1))
-            total = total * tl.exp(peak - new_peak) + tl.sum(tl.exp(logits - new_peak[:, None]), 1)
+    own = load_rows(P, ST, N, OWN, offs, offs_d)
+    if OWN == 0:
+        own_shift = load_vector(ROW_SHIFT, offs, N[1])
+    else:
+        own_shift = load_vector(COLUMN_SHIFT, offs, N[2])
+    peak = tl.full((BLOCK_OWN,), float("-inf"), tl.float32)
+    total = tl.zeros((BLOCK_OWN,), tl.float32)
+    for start in range(0, N[2 - OWN], BLOCK_OTHER):
+        offs_other = start + tl.arange(0, BLOCK_OTHER)
+        other = load_rows(P, ST, N, AXIS, offs_other, offs_d)
+        if OWN == 0:
+            s = score_tile(P, ST, N, own, other, offs, offs_other, HAS_BIAS)
+            support = support_tile(P, ST, N, offs, offs_other, COLUMN)
+            logits = shifted_logits(s, support, own_shift, load_vector(COLUMN_SHIFT, offs_other, N[2]))
+        else:
+            s = score_tile(P, ST, N, other, own, offs_other, offs, HAS_BIAS)
+            support = support_tile(P, ST, N, offs_other, offs, COLUMN)
+            logits = shifted_logits(s, support, load_vector(ROW_SHIFT, offs_other, N[1]), own_shift)
+        if LSE:  # online logsumexp
+            new_peak = tl.maximum(peak, tl.max(logits, AXIS))
+            total = total * tl.exp(peak - new_peak) + tl.sum(tl.exp(logits - tl.expand_dims(new_peak, AXIS)), AXIS)
             peak = new_peak
         else:
-            total += tl.sum(tl.exp(logits) * load_vector(WEIGHT, offs_n, N[2])[None, :], 1)
+            weight = tl.expand_dims(load_vector(WEIGHT, offs_other, N[2 - OWN]), OWN)
+            total += tl.sum(tl.exp(logits) * weight, AXIS)
     if LSE:
         total = peak + tl.log(total)
-    store_vector(OUT, offs_m, N[1], total)
-
-
-@triton.jit
-def column_pass_kernel(
-    P, ST, N, ROW_SHIFT, COLUMN_SHIFT, WEIGHT, OUT,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_BIAS: tl.constexpr, COLUMN: tl.constexpr, LSE: tl.constexpr,
-):  # fmt: skip
-    """Per key, over the (row or COLUMN) support: lse_q(S + a + c) if LSE, else Σ_q w_q e^{S + a + c}."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    k = load_rows(P, ST, N, 1, offs_n, offs_d)
-    column_shift = load_vector(COLUMN_SHIFT, offs_n, N[2])
-    peak = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    total = tl.zeros((BLOCK_N,), tl.float32)
-    for start in range(0, N[1], BLOCK_M):
-        offs_m = start + tl.arange(0, BLOCK_M)
-        s = score_tile(P, ST, N, load_rows(P, ST, N, 0, offs_m, offs_d), k, offs_m, offs_n, HAS_BIAS)
-        support = support_tile(P, ST, N, offs_m, offs_n, COLUMN)
-        logits = shifted_logits(s, support, load_vector(ROW_SHIFT, offs_m, N[1]), column_shift)
-        if LSE:
-            new_peak = tl.maximum(peak, tl.max(logits, 0))
-            total = total * tl.exp(peak - new_peak) + tl.sum(tl.exp(logits - new_peak[None, :]), 0)
-            peak = new_peak
-        else:
-            total += tl.sum(tl.exp(logits) * load_vector(WEIGHT, offs_m, N[1])[:, None], 0)
-    if LSE:
-        total = peak + tl.log(total)
-    store_vector(OUT, offs_n, N[2], total)
+    store_vector(OUT, offs, N[1 + OWN], total)
 
 
 @triton.jit
@@ -141,30 +125,34 @@ class ForwardState(NamedTuple):
     log_target: Tensor | None
 
 
+def _reduce(
+    problem: Problem, row_shift: Tensor, column_shift: Tensor, weight: Tensor | None, column: bool, own: int
+) -> Tensor:
+    out = problem.row_vector() if own == 0 else problem.column_vector()
+    blocks = problem.blocks()
+    query_block, key_block = blocks["BLOCK_M"], blocks["BLOCK_N"]
+    block_own, block_other = (query_block, key_block) if own == 0 else (key_block, query_block)
+    tensors, strides, dims = problem.kernel_args()
+    reduce_pass_kernel[problem.query_grid() if own == 0 else problem.key_grid()](
+        tensors, strides, dims, row_shift, column_shift, out if weight is None else weight, out,
+        BLOCK_OWN=block_own, BLOCK_OTHER=block_other, BLOCK_D=blocks["BLOCK_D"], HAS_BIAS=blocks["HAS_BIAS"],
+        COLUMN=column, LSE=weight is None, OWN=own,
+    )  # fmt: skip
+    return out
+
+
 def row_reduce(
     problem: Problem, row_shift: Tensor, column_shift: Tensor, weight: Tensor | None, column: bool
 ) -> Tensor:
     """Per query (batch·H, Lq): lse_k(S + a + c) if ``weight`` is None, else Σ_k e^{S + a + c} w_k."""
-    out = problem.row_vector()
-    tensors, strides, dims = problem.kernel_args()
-    row_pass_kernel[problem.query_grid()](
-        tensors, strides, dims, row_shift, column_shift, out if weight is None else weight, out,
-        COLUMN=column, LSE=weight is None, **problem.blocks(),
-    )  # fmt: skip
-    return out
+    return _reduce(problem, row_shift, column_shift, weight, column, own=0)
 
 
 def column_reduce(
     problem: Problem, row_shift: Tensor, column_shift: Tensor, weight: Tensor | None, column: bool
 ) -> Tensor:
     """Per key (batch·H, Lk): lse_q(S + a + c) if ``weight`` is None, else Σ_q w_q e^{S + a + c}."""
-    out = problem.column_vector()
-    tensors, strides, dims = problem.kernel_args()
-    column_pass_kernel[problem.key_grid()](
-        tensors, strides, dims, row_shift, column_shift, out if weight is None else weight, out,
-        COLUMN=column, LSE=weight is None, **problem.blocks(),
-    )  # fmt: skip
-    return out
+    return _reduce(problem, row_shift, column_shift, weight, column, own=1)
 
 
 def _has_mass(lse: Tensor) -> Tensor:
