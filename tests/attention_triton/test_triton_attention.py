@@ -105,6 +105,7 @@ def test_per_query_mask_with_an_empty_row_gives_zero_output():
     assert bool((output[:, :, 5] == 0).all())
 
 
+@pytest.mark.slow
 def test_head_dim_64_without_bias():
     _check(2, 24, 24, dim=64, use_bias=False)
 
