@@ -63,6 +63,7 @@ def test_demo_trains_both_arms_and_reruns_into_its_own_folder(tmp_path, capsys):
     _check_demo_output(out, capsys.readouterr().out, seed=1)
 
 
+@pytest.mark.slow
 def test_demo_marginals_are_those_of_the_saved_sinkhorn_model(tmp_path, capsys):
     from transformers import AutoModelForImageClassification
 
@@ -88,6 +89,7 @@ def test_demo_marginals_are_those_of_the_saved_sinkhorn_model(tmp_path, capsys):
         assert got["column_std"] == pytest.approx(want["column_std"], rel=1e-3, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_demo_refuses_a_foreign_folder_and_overwrite_keeps_foreign_files(tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import transformers
 
+from sinkhorn_hf.compat import model_from_config
+
 TEXT = {
     "bert": ("BertConfig", "BertModel"),
     "roberta": ("RobertaConfig", "RobertaModel"),
@@ -114,7 +116,7 @@ def make_tiny(model_type: str, attn_implementation: str = "eager", seed: int = 0
     torch.manual_seed(seed)
     _, model_name = TEXT.get(model_type) or VISION[model_type]
     model_class = getattr(transformers, model_name)
-    model = model_class._from_config(tiny_config(model_type, **config), attn_implementation=attn_implementation)
+    model = model_from_config(model_class, tiny_config(model_type, **config), attn_implementation=attn_implementation)
     model.eval()
     generator = torch.Generator().manual_seed(seed + 1)
     if model_type in TEXT:

@@ -11,6 +11,7 @@ import torch
 import transformers
 
 from sinkhorn_hf.adjoint.probe import scalar_loss
+from sinkhorn_hf.compat import model_from_config
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
@@ -78,7 +79,7 @@ def tiny_model(model_type: str, layers: int = 3, dropout: float = 0.1, attn: str
     """(model in train mode, inputs): a padded text batch or a small image batch."""
     torch.manual_seed(seed)
     model_cls = getattr(transformers, CONFIGS[model_type][1])
-    model = model_cls._from_config(tiny_config(model_type, layers, dropout, **extra), attn_implementation=attn)
+    model = model_from_config(model_cls, tiny_config(model_type, layers, dropout, **extra), attn_implementation=attn)
     model.train()
     generator = torch.Generator().manual_seed(seed + 1)
     if model_type in TEXT:

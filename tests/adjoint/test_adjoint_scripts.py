@@ -8,6 +8,7 @@ import pytest
 from adjoint_helpers import script_module
 
 
+@pytest.mark.slow
 def test_reproduce_adjoint_small(tmp_path, capsys, monkeypatch):
     reproduce = script_module("reproduce_adjoint")
     args = ["--depths", "8", "16", "--settings", "smooth", "--out", str(tmp_path)]

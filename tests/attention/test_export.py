@@ -7,9 +7,6 @@ from tiny_models import make_tiny
 
 import sinkhorn_hf  # noqa: F401
 
-onnxruntime = pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
-
 
 def _tiny(family: str, iterations: int):
     tiny = make_tiny(family, "sinkhorn")
@@ -17,7 +14,7 @@ def _tiny(family: str, iterations: int):
     return tiny
 
 
-@pytest.mark.parametrize("iterations", [1, 3])
+@pytest.mark.parametrize("iterations", [pytest.param(1, marks=pytest.mark.slow), 3])  # K=1: one SDPA call per layer
 def test_torch_export_matches_eager_on_a_padded_batch(iterations):
     tiny = _tiny("bert", iterations)
     with torch.no_grad():  # an inference export
@@ -30,6 +27,9 @@ def test_torch_export_matches_eager_on_a_padded_batch(iterations):
 @pytest.mark.parametrize("iterations", [1, 3])
 @pytest.mark.parametrize("family", ["bert", "vit"])
 def test_onnx_runtime_matches_pytorch(tmp_path, family, iterations):
+    # imported here, not at collection: ONNX Runtime takes seconds to import and only the slow tests need it
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
     tiny = _tiny(family, iterations)
     batch = torch.export.Dim("batch")
     axes = {name: {0: batch} for name in tiny.inputs}

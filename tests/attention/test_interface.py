@@ -12,6 +12,7 @@ from tiny_models import make_tiny, sharpen
 
 import sinkhorn_hf
 from sinkhorn_hf.attention import support_from_mask
+from sinkhorn_hf.compat import config_attn_implementation, model_from_config
 
 
 def test_config_round_trip_reloads_as_sinkhorn(tmp_path):
@@ -23,7 +24,7 @@ def test_config_round_trip_reloads_as_sinkhorn(tmp_path):
     assert saved["attn_implementation"] == "sinkhorn"
     assert saved["sinkhorn_iterations"] == 5 and saved["sinkhorn_tolerance"] == 1e-3
     reloaded = transformers.AutoModel.from_pretrained(tmp_path).eval()
-    assert reloaded.config._attn_implementation == "sinkhorn"
+    assert config_attn_implementation(reloaded.config) == "sinkhorn"
     assert reloaded.config.sinkhorn_iterations == 5
     with torch.no_grad():
         torch.testing.assert_close(
@@ -34,13 +35,13 @@ def test_config_round_trip_reloads_as_sinkhorn(tmp_path):
 def test_sdpa_model_saves_no_sinkhorn_key(tmp_path):
     make_tiny("bert", "sdpa").model.save_pretrained(tmp_path)
     assert "attn_implementation" not in json.loads((tmp_path / "config.json").read_text())
-    assert transformers.AutoModel.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
+    assert config_attn_implementation(transformers.AutoModel.from_pretrained(tmp_path).config) == "sdpa"
 
 
 def test_from_pretrained_kwargs_set_iterations(tmp_path):
     make_tiny("bert", "sdpa").model.save_pretrained(tmp_path)
     model = transformers.AutoModel.from_pretrained(tmp_path, attn_implementation="sinkhorn", sinkhorn_iterations=7)
-    assert model.config._attn_implementation == "sinkhorn" and model.config.sinkhorn_iterations == 7
+    assert config_attn_implementation(model.config) == "sinkhorn" and model.config.sinkhorn_iterations == 7
 
 
 @pytest.mark.parametrize(
@@ -89,19 +90,21 @@ def _tiny_config(name, **kwargs):
 )
 def test_unsupported_family_is_refused(config_name, model_name):
     with pytest.raises(sinkhorn_hf.UnsupportedModelError, match="Supported model types: bert"):
-        getattr(transformers, model_name)._from_config(_tiny_config(config_name), attn_implementation="sinkhorn")
+        model_from_config(getattr(transformers, model_name), _tiny_config(config_name), attn_implementation="sinkhorn")
 
 
 def test_switching_an_unsupported_family_never_claims_sinkhorn():
     # transformers itself refuses (with a warning) to switch models that bypass the interface
-    model = transformers.DebertaV2Model._from_config(_tiny_config("DebertaV2Config"))
+    model = transformers.DebertaV2Model(_tiny_config("DebertaV2Config"))
     model.set_attn_implementation("sinkhorn")
-    assert model.config._attn_implementation != "sinkhorn"
+    assert config_attn_implementation(model.config) != "sinkhorn"
 
 
 def test_decoder_is_refused():
     with pytest.raises(sinkhorn_hf.CausalSinkhornError, match="future tokens"):
-        transformers.BertModel._from_config(_tiny_config("BertConfig", is_decoder=True), attn_implementation="sinkhorn")
+        model_from_config(
+            transformers.BertModel, _tiny_config("BertConfig", is_decoder=True), attn_implementation="sinkhorn"
+        )
 
 
 def test_causal_text_tower_is_refused_and_dict_form_works():
@@ -113,11 +116,13 @@ def test_causal_text_tower_is_refused_and_dict_form_works():
     )
     inputs = dict(input_ids=torch.randint(0, 99, (2, 5)), pixel_values=torch.randn(2, 3, 32, 32))
     with pytest.raises(sinkhorn_hf.UnsupportedModelError, match="clip_text_model.*text_config"):
-        transformers.CLIPModel._from_config(copy.deepcopy(config), attn_implementation="sinkhorn")
-    mixed = transformers.CLIPModel._from_config(
-        copy.deepcopy(config), attn_implementation={"text_config": "sdpa", "vision_config": "sinkhorn"}
+        model_from_config(transformers.CLIPModel, copy.deepcopy(config), attn_implementation="sinkhorn")
+    mixed = model_from_config(
+        transformers.CLIPModel,
+        copy.deepcopy(config),
+        attn_implementation={"text_config": "sdpa", "vision_config": "sinkhorn"},
     )
-    assert mixed.config.vision_config._attn_implementation == "sinkhorn"
+    assert config_attn_implementation(mixed.config.vision_config) == "sinkhorn"
     assert torch.isfinite(mixed(**inputs).logits_per_image).all()
 
 
@@ -221,7 +226,7 @@ def test_settings_reach_an_explicit_config(tmp_path):
     model = transformers.AutoModel.from_pretrained(
         tmp_path, config=config, attn_implementation="sinkhorn", sinkhorn_iterations=5, sinkhorn_tolerance=1e-3
     )
-    assert model.config._attn_implementation == "sinkhorn"
+    assert config_attn_implementation(model.config) == "sinkhorn"
     assert model.config.sinkhorn_iterations == 5 and model.config.sinkhorn_tolerance == 1e-3
     assert config.sinkhorn_iterations == 3, "the caller's config object must not change"
     with pytest.raises(ValueError, match="sinkhorn_iterations must be"):

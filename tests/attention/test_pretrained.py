@@ -5,6 +5,7 @@ import transformers
 
 import sinkhorn_hf  # noqa: F401
 from sinkhorn_hf.attention.diagnostics import marginal_report, softmax_marginals
+from sinkhorn_hf.compat import config_attn_implementation
 
 SENTENCES = ["A real sentence about doubly stochastic attention.", "Short one.", "Padding must not matter here."]
 
@@ -15,7 +16,7 @@ def test_minilm_runs_with_sinkhorn(minilm_path):
     inputs = tokenizer(SENTENCES, padding=True, return_tensors="pt")
     valid = inputs["attention_mask"].bool()
     model = transformers.AutoModel.from_pretrained(minilm_path, attn_implementation="sinkhorn").eval()
-    assert model.config._attn_implementation == "sinkhorn"
+    assert config_attn_implementation(model.config) == "sinkhorn"
     reference = transformers.AutoModel.from_pretrained(minilm_path, attn_implementation="sdpa").eval()
 
     model.config.sinkhorn_iterations = 1

@@ -390,6 +390,9 @@ def test_auto_backend_on_cpu_never_takes_the_triton_kernels(triton_calls):
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+# Slow: the Triton interpreter makes each case take seconds; test_tiny_bert_on_the_triton_backend_matches_torch keeps
+# the kernels behind the routes (a padded batch, loss and gradients) in the fast suite.
+@pytest.mark.slow
 @pytest.mark.parametrize("iterations", [1, 2, 3])
 def test_triton_backend_runs_the_kernels_and_matches_torch(iterations, triton_calls):
     pytest.importorskip("triton")

@@ -24,8 +24,13 @@ def run(tensors, masks, **settings):
     return sinkhorn_attention(*tensors, **masks, settings=SinkhornSettings(**settings))[0]
 
 
-@pytest.mark.parametrize("iterations", [2, 3, 4, 5])
-@pytest.mark.parametrize("block_size", [1, 7, 40])
+# 2 and 3 end on either normalisation; 4 and 5 repeat that with one more pass each (slow). Blocks of 7 keys: several
+# blocks and a partial last one (40 = 5 * 7 + 5); of 40: one block; of 1 key: the extreme, 40 blocks (slow).
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("iterations", [2, 3, pytest.param(4, marks=SLOW), pytest.param(5, marks=SLOW)])
+@pytest.mark.parametrize("block_size", [pytest.param(1, marks=SLOW), 7, 40])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("backward", ["unrolled", "implicit"])
 def test_streaming_equals_dense(iterations, block_size, with_bias, backward):

@@ -69,7 +69,14 @@ def _check(iterations, lq, lk, *, dim=32, block_m=64, block_n=64, use_bias=True,
     return output
 
 
-@pytest.mark.parametrize("iterations", [1, 2, 3, 4])
+# The interpreter runs every program instance in Python: one case of each test stays in the fast suite, the other
+# iteration counts and tile shapes are slow.
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "iterations", [pytest.param(1, marks=SLOW), 2, pytest.param(3, marks=SLOW), pytest.param(4, marks=SLOW)]
+)
 def test_padding_bias_and_unequal_lengths_match_reference(iterations):
     allowed = torch.ones(1, 1, 1, 24, dtype=torch.bool)
     allowed[..., -5:] = False  # padded keys
@@ -78,7 +85,10 @@ def test_padding_bias_and_unequal_lengths_match_reference(iterations):
     _check(iterations, 40, 24, allowed=allowed, query_valid=query_valid)
 
 
-@pytest.mark.parametrize(("iterations", "block_m", "block_n"), [(3, 16, 16), (2, 16, 32), (4, 32, 16)])
+@pytest.mark.parametrize(
+    ("iterations", "block_m", "block_n"),
+    [(3, 16, 16), pytest.param(2, 16, 32, marks=SLOW), pytest.param(4, 32, 16, marks=SLOW)],
+)
 def test_several_tiles_match_reference(iterations, block_m, block_n):
     """Online logsumexp across query and key blocks, partial last blocks (40 = 16 + 16 + 8)."""
     allowed = torch.ones(1, 1, 1, 40, dtype=torch.bool)
@@ -95,6 +105,7 @@ def test_per_query_mask_with_an_empty_row_gives_zero_output():
     assert bool((output[:, :, 5] == 0).all())
 
 
+@pytest.mark.slow
 def test_head_dim_64_without_bias():
     _check(2, 24, 24, dim=64, use_bias=False)
 
@@ -121,7 +132,7 @@ def test_value_only_gradient():
     torch.testing.assert_close(value.grad.double().cpu(), exact.grad, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=SLOW)])
 def test_half_precision_inputs(dtype):
     """16-bit inputs, float32 accumulation: close to the float64 reference at 16-bit tolerance."""
     q, k, v, _, grad = _inputs(24, 24, 32)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from sinkhorn_hf import SinkhornSettings, UnsupportedModelError
 from sinkhorn_hf.cli import main
+from sinkhorn_hf.compat import config_attn_implementation
 from sinkhorn_hf.hub import ConversionError, convert
 from sinkhorn_hf.hub.convert import CONVERSION_RECORD
 
@@ -46,7 +47,7 @@ def test_k1_conversion_computes_what_the_original_computes(tiny_bert, tmp_path):
     # Loads as Sinkhorn with no argument, and K=1 Sinkhorn is SoftMax: eager attention of the original.
     from transformers import AutoModelForSequenceClassification
 
-    assert AutoModelForSequenceClassification.from_pretrained(out).config._attn_implementation == "sinkhorn"
+    assert config_attn_implementation(AutoModelForSequenceClassification.from_pretrained(out).config) == "sinkhorn"
     expected = logits(tiny_bert, inputs, attn_implementation="eager")
     torch.testing.assert_close(logits(out, inputs), expected, rtol=1e-5, atol=1e-6)
     assert report.copied == [
@@ -113,7 +114,7 @@ def test_vision_model_keeps_its_image_processor(tmp_path):
     with torch.no_grad():
         original = AutoModelForImageClassification.from_pretrained(source, attn_implementation="eager").eval()
         converted = AutoModelForImageClassification.from_pretrained(tmp_path / "out").eval()
-        assert converted.config._attn_implementation == "sinkhorn"
+        assert config_attn_implementation(converted.config) == "sinkhorn"
         torch.testing.assert_close(converted(pixels).logits, original(pixels).logits, rtol=1e-5, atol=1e-6)
 
 

@@ -12,6 +12,7 @@ from tiny_models import make_tiny
 
 import sinkhorn_hf  # noqa: F401
 from sinkhorn_hf.commands import export as export_command
+from sinkhorn_hf.compat import config_attn_implementation
 from sinkhorn_hf.hub.export import ExportError, export_onnx
 
 
@@ -85,7 +86,7 @@ def test_sentence_transformers_round_trip(tmp_path):
     word = models.Transformer(str(source), model_kwargs=kwargs)
     model = st.SentenceTransformer(modules=[word, models.Pooling(word.get_embedding_dimension())])
     bert = word.auto_model
-    assert bert.config._attn_implementation == "sinkhorn" and bert.config.sinkhorn_iterations == 5
+    assert config_attn_implementation(bert.config) == "sinkhorn" and bert.config.sinkhorn_iterations == 5
     sentences = ["a b c d", "e f", "a c e g h"]
     before = model.encode(sentences, convert_to_tensor=True)
     features = model.tokenize(sentences)
@@ -102,6 +103,6 @@ def test_sentence_transformers_round_trip(tmp_path):
     assert not torch.allclose(before, after, atol=1e-4)
     model.save(str(tmp_path / "st"))
     reloaded = st.SentenceTransformer(str(tmp_path / "st"))
-    assert reloaded[0].auto_model.config._attn_implementation == "sinkhorn"
+    assert config_attn_implementation(reloaded[0].auto_model.config) == "sinkhorn"
     assert reloaded[0].auto_model.config.sinkhorn_iterations == 5
     torch.testing.assert_close(reloaded.encode(sentences, convert_to_tensor=True), after, atol=1e-5, rtol=0)

@@ -7,9 +7,9 @@ from unittest import mock
 
 import pytest
 from huggingface_hub import HfApi
-from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS
 
 from sinkhorn_hf.cli import main
+from sinkhorn_hf.compat import upload_selection
 from sinkhorn_hf.hub import PushError, push, select_files
 from sinkhorn_hf.hub.card import REPO_ID_PLACEHOLDER
 from sinkhorn_hf.hub.push import LINK_OUT, select
@@ -60,16 +60,15 @@ def run_dir(tmp_path) -> Path:
 
 
 def upload_folder_additions(run_dir: Path, upload_kwargs: dict) -> dict[str, bytes]:
-    """The reference: huggingface_hub's own selection inside upload_folder (its Hub YAML check stubbed), given
-    the arguments push passed to it: path in the repository -> the bytes that would be sent."""
-    with mock.patch.object(HfApi, "_validate_yaml"):
-        additions = HfApi()._prepare_upload_folder_additions(
-            run_dir,
-            "",
-            allow_patterns=upload_kwargs.get("allow_patterns"),
-            ignore_patterns=list(upload_kwargs.get("ignore_patterns") or []) + DEFAULT_IGNORE_PATTERNS,  # as it adds
-        )
-    return {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in additions}
+    """The reference: what ``upload_folder`` sends given the arguments push passed to it, found as it finds it
+    (every file under the folder, links followed, filtered by its patterns and its default ignores): path in the
+    repository -> the bytes that would be sent."""
+    assert set(upload_kwargs) >= {"folder_path", "allow_patterns"} and "ignore_patterns" not in upload_kwargs
+    folder = Path(upload_kwargs["folder_path"]).resolve()
+    assert folder == run_dir.resolve()
+    listed = {path.relative_to(folder).as_posix(): path for path in sorted(folder.glob("**/*")) if path.is_file()}
+    sent = upload_selection(list(listed), allow_patterns=upload_kwargs["allow_patterns"])
+    return {name: listed[name].read_bytes() for name in sent}
 
 
 def files_upload_folder_would_send(run_dir: Path, upload_kwargs: dict) -> list[str]:

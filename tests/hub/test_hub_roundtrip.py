@@ -11,6 +11,7 @@ from hub_helpers import python_snippet, run_snippet
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
+from sinkhorn_hf.compat import config_attn_implementation
 from sinkhorn_hf.hub import convert, select_files, write_card
 from sinkhorn_hf.hub.card import REPO_ID_PLACEHOLDER
 
@@ -60,7 +61,7 @@ def test_convert_finetune_card_reload(tiny_bert, tmp_path):
     assert card.data.base_model == "prajjwal1/bert-tiny" and f"```bash\n{results.command}\n```" in card.text
 
     reloaded = AutoModelForSequenceClassification.from_pretrained(run_dir).eval()
-    assert reloaded.config._attn_implementation == "sinkhorn" and reloaded.config.sinkhorn_iterations == 3
+    assert config_attn_implementation(reloaded.config) == "sinkhorn" and reloaded.config.sinkhorn_iterations == 3
     # The saved model is the trained one: the weights of the last training checkpoint, not the converted ones.
     final_state = load_file(run_dir / "checkpoints" / "step_4" / "model.safetensors")
     assert all(torch.equal(reloaded.state_dict()[name], value) for name, value in final_state.items())

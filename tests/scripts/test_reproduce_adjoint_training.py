@@ -27,6 +27,7 @@ def tiny_args(data: Path, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_end_to_end_both_arms_then_resume(script, mnist_npz, tmp_path, monkeypatch, capsys):
     out = tmp_path / "grid"
     assert script.main(tiny_args(mnist_npz, out)) == 0

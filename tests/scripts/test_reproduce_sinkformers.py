@@ -75,6 +75,7 @@ def test_model_matches_float64_reference(script, iterations):
     assert (logits.double() - other).abs().max() > 1e-3  # the reference tells K = 1 from K = 3 apart
 
 
+@pytest.mark.slow
 def test_end_to_end_writes_both_arms(script, mnist_npz, tmp_path, capsys):
     out = tmp_path / "grid"
     arms = ["--lr", "paper", "1e-3"]
@@ -97,6 +98,7 @@ def test_end_to_end_writes_both_arms(script, mnist_npz, tmp_path, capsys):
     assert "| 3 | 14 | 0.002 | 2 |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cut_short_grid_resumes_without_redoing_runs(script, mnist_npz, tmp_path, monkeypatch):
     out = tmp_path / "grid"
     script.main(tiny_args(mnist_npz, out, "--iterations", "1", "--seeds", "0"))

@@ -37,6 +37,7 @@ def test_vit_softmax_attentions_match_float64_reference_and_the_model(script):
     assert not torch.allclose(first, second)
 
 
+@pytest.mark.slow
 def test_mnist_loop_end_to_end(script, tiny_mnist, tmp_path):
     data = tiny_mnist(300, 120)
     out = tmp_path / "drift"

@@ -85,6 +85,7 @@ def rewrite_manifest(checkpoint: Path) -> None:
     (checkpoint / MANIFEST_FILE).write_text(json.dumps({"files": files}))
 
 
+@pytest.mark.slow
 def test_kill_while_writing_a_checkpoint_resumes_from_the_last_complete_one(tiny_bert, sst2_files, tmp_path):
     from sinkhorn_hf.training.run import main
     from sinkhorn_hf.training.tasks.glue import GLUE

@@ -120,6 +120,7 @@ def test_bad_data_arguments(kwargs, message):
         GlueDataArguments(**kwargs)
 
 
+@pytest.mark.slow
 def test_stsb_regression_and_mnli_mismatched_end_to_end(tiny_bert, tmp_path):
     from transformers import HfArgumentParser
 

@@ -13,6 +13,7 @@ from transformers import BertForSequenceClassification, Trainer, TrainingArgumen
 
 import sinkhorn_hf  # noqa: F401  (registers attn_implementation="sinkhorn")
 from sinkhorn_hf.attention.diagnostics import softmax_marginals
+from sinkhorn_hf.compat import config_attn_implementation, model_from_config
 from sinkhorn_hf.training.callbacks import AttentionMarginalsCallback
 from sinkhorn_hf.training.marginals import QUANTILES, MarginalTracker, flat_metrics, sorted_column_sums
 
@@ -54,7 +55,7 @@ def test_tracker_equals_diagnose_and_brute_force_on_a_padded_batch():
     quantiles = record["column_sum_quantiles"]
     assert len(quantiles) == 3 and all(len(q) == QUANTILES for q in quantiles)
     assert all(a <= b for q in quantiles for a, b in zip(q[:-1], q[1:], strict=True))
-    assert tiny.model.config._attn_implementation == "eager" and not tiny.model.training
+    assert config_attn_implementation(tiny.model.config) == "eager" and not tiny.model.training
 
 
 def test_sorted_column_sums_keep_only_valid_columns_and_average_one():
@@ -73,7 +74,7 @@ def test_sorted_column_sums_keep_only_valid_columns_and_average_one():
 def test_sinkhorn_model_reports_its_own_column_error_and_softmax_spread():
     tiny = sharpen(make_tiny("bert", attn_implementation="sinkhorn", layers=2, sinkhorn_iterations=9))
     record = MarginalTracker(tiny.model, tiny.inputs, every=1).track(0)
-    assert tiny.model.config._attn_implementation == "sinkhorn"  # restored after the eager SoftMax pass
+    assert config_attn_implementation(tiny.model.config) == "sinkhorn"  # restored after the eager SoftMax pass
     tiny.model.set_attn_implementation("eager")
     softmax = softmax_marginals(tiny.model, **tiny.inputs).summary()
     for layer, row in zip(record["layers"], softmax, strict=True):
@@ -114,7 +115,7 @@ def test_write_json_and_png(tmp_path):
 def test_callback_inside_transformers_trainer(tmp_path):
     torch.manual_seed(0)
     config = tiny_config("bert", layers=2, num_labels=2)
-    model = BertForSequenceClassification._from_config(config, attn_implementation="sdpa")
+    model = model_from_config(BertForSequenceClassification, config, attn_implementation="sdpa")
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(5, 99, (16, 9), generator=generator)
     mask = (torch.arange(9)[None] < torch.randint(4, 10, (16, 1), generator=generator)).long()
@@ -141,7 +142,7 @@ def test_callback_inside_transformers_trainer(tmp_path):
     assert [entry["step"] for entry in logged] == [0, 2, 4]
     assert logged[-1] == {**flat_metrics(callback.tracker.records[-1]), "step": 4}
     # the last record is the tracker run directly on the final model, and the trainer left it as it was
-    assert model.config._attn_implementation == "sdpa"
+    assert config_attn_implementation(model.config) == "sdpa"
     direct = MarginalTracker(model, eval_batch, every=1).track(4)
     assert direct == callback.tracker.records[-1]
     assert callback.tracker.records[0] != callback.tracker.records[-1]  # training moved the attention

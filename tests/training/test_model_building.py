@@ -12,6 +12,7 @@ from transformers import (
     HfArgumentParser,
 )
 
+from sinkhorn_hf.compat import config_attn_implementation
 from sinkhorn_hf.training.arguments import ModelArguments, TrainerArguments
 from sinkhorn_hf.training.lora import apply_lora
 from sinkhorn_hf.training.modeling import load_config
@@ -95,7 +96,7 @@ def test_glue_lora_run_trains_adapters_and_leaves_the_base_model(tiny_bert, rte_
 
     # the run directory holds the merged model: it loads as Sinkhorn and computes what base + adapter compute
     merged = AutoModelForSequenceClassification.from_pretrained(out).eval()
-    assert merged.config._attn_implementation == "sinkhorn" and merged.config.sinkhorn_iterations == 5
+    assert config_attn_implementation(merged.config) == "sinkhorn" and merged.config.sinkhorn_iterations == 5
     assert not torch.equal(merged.bert.encoder.layer[0].attention.self.query.weight, base_query)
     reloaded.set_attn_implementation("sinkhorn")
     reloaded.config.sinkhorn_iterations = 5

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
+from sinkhorn_hf.compat import config_attn_implementation
 from sinkhorn_hf.training.arguments import ModelArguments, TrainerArguments
 from sinkhorn_hf.training.checkpoints import list_checkpoints
 from sinkhorn_hf.training.modeling import build_model, load_config
@@ -76,6 +77,7 @@ def make_trainer(
     )
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(tiny_bert, sst2_files, tmp_path):
     # 96 rows / batch 8 = 12 batches per epoch, 6 optimizer steps per epoch with accumulation 2; dropout on.
     common = dict(num_train_epochs=3, gradient_accumulation_steps=2, checkpointing_steps="4", eval_steps=3,
@@ -131,7 +133,7 @@ def test_results_json_and_saved_model(tiny_bert, sst2_files, tmp_path):
     import sinkhorn_hf  # noqa: F401
 
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
-    assert model.config._attn_implementation == "sinkhorn"
+    assert config_attn_implementation(model.config) == "sinkhorn"
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     task = GLUE_TASKS["sst2"]
     dev = load_glue_file(str(sst2_files[1]), task)
