@@ -21,11 +21,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from experiment_files import write_text_atomic
 from torch import nn
 from tqdm.auto import tqdm
 
 from sinkhorn_hf.adjoint import enable_adjoint, find_stacks, probe_adjoint
+from sinkhorn_hf.atomic_files import write_text_atomic
 
 PROFILES = ("smooth", "iid")
 

@@ -174,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
-    from experiment_files import write_text_atomic
     from tqdm.auto import tqdm
+
+    from sinkhorn_hf.atomic_files import write_text_atomic
 
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "results.json"

@@ -1,14 +1,13 @@
-"""Files the experiment scripts write: atomically (:mod:`sinkhorn_hf.atomic_files`), so that a killed run leaves the
-previous results readable; the ``results.json`` of a grid of runs; and the Markdown tables they print."""
+"""What the experiment scripts share: the ``results.json`` of a grid of runs, rewritten atomically after every run
+(:mod:`sinkhorn_hf.atomic_files`, so a killed grid leaves the previous results readable), and the Markdown tables
+they print."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
 
-from sinkhorn_hf.atomic_files import save_figure_atomic, write_json_atomic, write_text_atomic
-
-__all__ = ["markdown_table", "save_figure_atomic", "write_grid_results", "write_json_atomic", "write_text_atomic"]
+from sinkhorn_hf.atomic_files import write_json_atomic
 
 
 def write_grid_results(

@@ -35,7 +35,9 @@ import sys
 import time
 from pathlib import Path
 
-from experiment_files import markdown_table, save_figure_atomic, write_grid_results, write_json_atomic
+from experiment_files import markdown_table, write_grid_results
+
+from sinkhorn_hf.atomic_files import save_figure_atomic, write_json_atomic
 
 SCHEMES = ("off", "checkpoint", "euler", "heun", "auto")
 TEST_BATCH = 1000

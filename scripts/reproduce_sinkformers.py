@@ -31,10 +31,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from experiment_files import markdown_table, save_figure_atomic, write_grid_results
+from experiment_files import markdown_table, write_grid_results
 from sinkformers_vit import AttentionOnlyViT
 from torch import Tensor
 from tqdm import tqdm
+
+from sinkhorn_hf.atomic_files import save_figure_atomic
 
 PAPER_EPOCHS, PAPER_MILESTONES = 45, (34, 40)  # epochs done before each /10 in the authors' schedule
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081

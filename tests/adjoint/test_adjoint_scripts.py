@@ -68,14 +68,3 @@ def test_bench_memory_runs_each_config_in_its_own_process(tmp_path, capsys):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert [r["config"] for r in saved["results"]] == ["plain"]
     assert "| 2 |" in capsys.readouterr().out
-
-
-def test_results_are_written_atomically(tmp_path):
-    write_text_atomic = script_module("experiment_files").write_text_atomic
-    path = tmp_path / "results.json"
-    path.write_text("old")
-    with pytest.raises(TypeError):
-        write_text_atomic(path, None)  # a write that fails half-way leaves the old file and no temporary one
-    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
-    write_text_atomic(path, "new θ")
-    assert path.read_text(encoding="utf-8") == "new θ" and len(list(tmp_path.iterdir())) == 1
