@@ -53,10 +53,11 @@ def type_of(value: object) -> object:
 
 
 class Compiler:
-    """Stands in for ``JITFunction.run``: compiles each distinct launch once for ``arch`` and records it."""
+    """Stands in for ``JITFunction.run``: compiles each distinct launch once for ``arch``, checks it against the
+    architecture's shared memory per block, records it and prints one line (the builds take seconds each)."""
 
     def __init__(self, arch: int) -> None:
-        self.arch, self.records, self._seen = arch, [], set()
+        self.arch, self.limit, self.records, self._seen = arch, MAX_SHARED[arch], [], set()
 
     def run(self, function: triton_jit.JITFunction, args: tuple, kwargs: dict, case: str) -> None:
         names = [param.name for param in function.params]
@@ -83,21 +84,25 @@ class Compiler:
                 "num_warps": metadata.num_warps,
                 "num_stages": metadata.num_stages,
             }
+            if metadata.shared > self.limit:
+                record["error"] = f"needs {metadata.shared} B of shared memory, over sm_{self.arch}'s {self.limit} B"
         self.records.append(record)
+        status = record.get("error") or f"ok: {record['shared_bytes']} B shared memory"
+        print(f"sm_{self.arch} {record['kernel']:<20} {case:<22} {status}", flush=True)
 
 
 def run_case(compiler: Compiler, dim: int, dtype: torch.dtype, iterations: int, tiles: dict[str, int]) -> None:
     """One forward+backward with padding and a differentiable bias: every kernel of the route is launched."""
     from sinkhorn_hf.attention.triton import api
 
-    api._interpreting = lambda: True  # accept CPU tensors: nothing is launched
     case = f"D={dim} {str(dtype).removeprefix('torch.')} K={iterations}"
-    original = triton_jit.JITFunction.run
+    original, interpreting = triton_jit.JITFunction.run, api._interpreting
 
     def compile_instead(function, *args, grid, warmup, **kwargs):
         compiler.run(function, args, kwargs, case)
 
     triton_jit.JITFunction.run = compile_instead
+    api._interpreting = lambda: True  # accept CPU tensors: nothing is launched
     try:
         shape = (1, 2, 128, dim)
         query, key, value = (torch.zeros(shape, dtype=dtype, requires_grad=True) for _ in range(3))
@@ -115,7 +120,7 @@ def run_case(compiler: Compiler, dim: int, dtype: torch.dtype, iterations: int, 
         )
         output.sum().backward()
     finally:
-        triton_jit.JITFunction.run = original
+        triton_jit.JITFunction.run, api._interpreting = original, interpreting
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,19 +138,12 @@ def main(argv: list[str] | None = None) -> int:
             for iterations in args.iterations:
                 tiles = {} if args.tiles is None else dict(zip(("block_m", "block_n"), args.tiles, strict=True))
                 run_case(compiler, dim, DTYPES[dtype], iterations, tiles)
-    limit = MAX_SHARED[args.arch]
-    failed = 0
-    for record in compiler.records:
-        problem = record.get("error")
-        if problem is None and record["shared_bytes"] > limit:
-            problem = f"needs {record['shared_bytes']} B of shared memory, over sm_{args.arch}'s {limit} B per block"
-        failed += problem is not None
-        fit = f"ok: {record.get('shared_bytes')} B shared memory"
-        print(f"sm_{args.arch} {record['kernel']:<20} {record['case']:<22} {problem or fit}")
+    failed = sum("error" in record for record in compiler.records)
     if args.output is not None:
         from sinkhorn_hf.atomic_files import write_json_atomic
 
-        write_json_atomic(args.output, {"arch": args.arch, "max_shared_bytes": limit, "kernels": compiler.records})
+        report = {"arch": args.arch, "max_shared_bytes": compiler.limit, "kernels": compiler.records}
+        write_json_atomic(args.output, report)
     print(f"{len(compiler.records)} kernel builds, {failed} failed", file=sys.stderr)
     return 1 if failed else 0
 
