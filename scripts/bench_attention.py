@@ -4,16 +4,20 @@
     python scripts/bench_attention.py --sizes 512 --repeats 5 --no-memory           # timing only
     python scripts/bench_attention.py --streaming-check                              # B=1, H=12, N=16384
     python scripts/bench_attention.py --sizes 512 2048 --compile                     # torch.compile on for all
+    python scripts/bench_attention.py --sizes 512 2048 --padded                      # a padded batch, as in training
     python scripts/bench_attention.py --sizes 512 2048 8192 --device cuda            # on a GPU
     python scripts/bench_attention.py --device cuda --dtype bfloat16 --sizes 512 2048 8192 16384 --batch 4
 
 Time: forward (no grad) and forward+backward of one attention call on random (B, H, N, D) inputs of ``--dtype``
 (float32 by default), best of ``--repeats`` runs, every method of a size measured in this process with the runs
-interleaved. Sinkhorn goes through ``sinkhorn_hf.attention.routes.sinkhorn_attention`` on the PyTorch routes
-(``sinkhorn_backend="torch"``) with the default route for that length (SDPA for K=1, dense below the streaming
-threshold, streaming above). With ``--device cuda`` there are also rows for SDPA pinned to its flash and its
-memory-efficient kernels (``torch.nn.attention.sdpa_kernel``; flash needs 16-bit inputs, so it is skipped in
-float32) and for the fused Triton kernels (``sinkhorn_backend="triton"``) at each K.
+interleaved. ``--padded`` gives every method the mask of a padded batch (key lengths N, 0.8N, 0.6N, N, ...:
+SDPA and eager SoftMax a (B, 1, N, N) bool mask, Sinkhorn the same mask and the valid queries), as transformers
+hands it to attention in training on padded text. Sinkhorn goes through
+``sinkhorn_hf.attention.routes.sinkhorn_attention`` on the PyTorch routes (``sinkhorn_backend="torch"``) with the
+default route for that length (SDPA for K=1, dense below the streaming threshold, streaming above). With
+``--device cuda`` there are also rows for SDPA pinned to its flash and its memory-efficient kernels
+(``torch.nn.attention.sdpa_kernel``; flash needs 16-bit inputs, so it is skipped in float32) and for the fused
+Triton kernels (``sinkhorn_backend="triton"``) at each K.
 
 Peak memory: each (size, method) runs once more in its own
 process; after the inputs exist, VmHWM is reset (/proc/self/clear_refs) and the peak resident memory of a
@@ -23,12 +27,14 @@ for the device (``torch.cuda.synchronize``) and peak memory is ``torch.cuda.max_
 inputs, measured in this process. ``--compile`` puts every method (SDPA, eager and Sinkhorn) through
 ``torch.compile``; compilation happens in the untimed warm-up. A configuration whose estimated
 memory would exceed ``--memory-limit-gib`` is skipped with the reason printed. Results go to ``--output``
-(JSON, one entry per size: a killed run resumes at the next size) and the table is printed as Markdown.
+(JSON, one entry per size, written atomically: a killed run resumes at the next size; a resume with other settings
+is refused) and the table is printed as Markdown.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -40,6 +46,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from sinkhorn_hf.atomic_files import write_json_atomic
 from sinkhorn_hf.attention import SinkhornSettings
 from sinkhorn_hf.attention.routes import block_size_for, sinkhorn_attention
 
@@ -75,10 +82,26 @@ def _label(method: str, n: int, dim: int) -> str:
     return method
 
 
-def _attention(method: str, compile_: bool = False):
-    """fn(q, k, v) -> output (B, H, N, D), through torch.compile if ``compile_``."""
+@functools.cache
+def padding(batch: int, n: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """allowed (B, 1, N, N) bool and query_valid (B, 1, N, 1) of a batch with key lengths N, 0.8N, 0.6N, N, ..."""
+    lengths = torch.tensor([round(n * (1.0, 0.8, 0.6)[i % 3]) for i in range(batch)], device=device)
+    valid = torch.arange(n, device=device)[None] < lengths[:, None]
+    return valid[:, None, None, :].expand(batch, 1, n, n).contiguous(), valid[:, None, :, None]
+
+
+def _attention(method: str, compile_: bool = False, padded: bool = False):
+    """fn(q, k, v) -> output (B, H, N, D), through torch.compile if ``compile_``, masked as a padded batch if
+    ``padded``."""
+
+    def masks(q):
+        return padding(q.shape[0], q.shape[-2], str(q.device)) if padded else (None, None)
+
     if method == "sdpa":
-        fn = torch.nn.functional.scaled_dot_product_attention
+
+        def fn(q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=masks(q)[0])
+
     elif method in SDPA_KERNELS:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -86,12 +109,15 @@ def _attention(method: str, compile_: bool = False):
 
         def fn(q, k, v):
             with sdpa_kernel(backend):
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=masks(q)[0])
 
     elif method == "eager":
 
         def fn(q, k, v):
-            return torch.matmul(torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, -1), v)
+            scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+            allowed = masks(q)[0]
+            scores = scores if allowed is None else scores.masked_fill(~allowed, float("-inf"))
+            return torch.matmul(torch.softmax(scores, -1), v)
 
     else:
         prefix = "triton" if method.startswith("triton") else "sinkhorn"
@@ -99,7 +125,8 @@ def _attention(method: str, compile_: bool = False):
         settings = SinkhornSettings(iterations=iterations, backend="triton" if prefix == "triton" else "torch")
 
         def fn(q, k, v):
-            return sinkhorn_attention(q, k, v, settings=settings)[0]
+            allowed, query_valid = masks(q)
+            return sinkhorn_attention(q, k, v, allowed=allowed, query_valid=query_valid, settings=settings)[0]
 
     if not compile_:
         return fn
@@ -144,7 +171,7 @@ def time_size(methods: list[str], n: int, args) -> dict[str, dict[str, float]]:
     takes under MIN_RUN_S repeats the call in a loop (and reports the time per call), so that short calls are
     not at the mercy of the clock and thread wake-ups."""
     q, k, v, upstream = _inputs(n, args.batch, args.heads, args.dim, device=args.device, dtype=args.dtype)
-    fns = {m: _attention(m, args.compile) for m in methods}
+    fns = {m: _attention(m, args.compile, args.padded) for m in methods}
     best = {m: {"forward_s": float("inf"), "train_s": float("inf")} for m in methods}
     loops = {}
     for method, fn in fns.items():  # warm-up (thread pools, first-call dispatch), timed to size the loops
@@ -181,7 +208,7 @@ def _rss(field: str) -> int:
 
 def measure_cuda_memory(method: str, n: int, args) -> dict[str, float]:
     """Peak allocated GPU memory (MiB) of a forward, then of a forward+backward, above the inputs."""
-    fn = _attention(method, args.compile)
+    fn = _attention(method, args.compile, args.padded)
     q, k, v, upstream = _inputs(n, args.batch, args.heads, args.dim, device="cuda", dtype=args.dtype)
     _train(fn, q, k, v, upstream)  # compile (and warm up) outside the measurement
     torch.cuda.synchronize()
@@ -196,10 +223,14 @@ def measure_cuda_memory(method: str, n: int, args) -> dict[str, float]:
     return {"forward_mib": forward / _MIB, "train_mib": (peak - before) / _MIB, "total_mib": peak / _MIB}
 
 
-def measure_memory_here(method: str, n: int, batch: int, heads: int, dim: int, compile_: bool) -> dict[str, float]:
+def measure_memory_here(
+    method: str, n: int, batch: int, heads: int, dim: int, compile_: bool, padded: bool
+) -> dict[str, float]:
     """Peak resident memory (MiB) of a forward, then of a forward+backward, above the memory before them."""
-    fn = _attention(method, compile_)
+    fn = _attention(method, compile_, padded)
     q, k, v, upstream = _inputs(n, batch, heads, dim)
+    if padded:  # the masks are inputs: made before the measurement
+        padding(batch, n, "cpu")
     if compile_:  # compile outside the measurement
         _forward(fn, q, k, v)
         _train(fn, q, k, v, upstream)
@@ -221,6 +252,7 @@ def measure_memory(method: str, n: int, batch: int, heads: int, dim: int, args) 
         return measure_cuda_memory(method, n, args)
     command = [sys.executable, __file__, "--child", method, str(n), str(batch), str(heads), str(dim)]
     command += ["--threads", str(torch.get_num_threads())] + (["--compile"] if args.compile else [])
+    command += ["--padded"] if args.padded else []
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if result.returncode != 0:
@@ -242,6 +274,7 @@ def render(results: dict, args) -> str:
     else:
         where = f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
     compiled = "torch.compile on for every method" if args.compile else "eager"
+    compiled += ", padded batch (key lengths N, 0.8N, 0.6N, N)" if args.padded else ""
     lines = [
         f"B={args.batch}, H={args.heads}, D={args.dim}, {args.dtype}, torch {torch.__version__}, {where}, {compiled}; "
         f"time = best of {args.repeats}; ratios are to SDPA at the same N",
@@ -272,9 +305,26 @@ def render(results: dict, args) -> str:
     return "\n".join(lines)
 
 
+def settings_of(args) -> dict:
+    """What a results file's numbers depend on (sizes and K may grow on resume; the rest may not change)."""
+    keys = ("batch", "heads", "dim", "threads", "repeats", "device", "dtype", "compile", "padded", "memory")
+    return {key: getattr(args, key) for key in keys} | {"torch": torch.__version__}
+
+
 def run(args) -> dict:
     path = Path(args.output)
-    results = json.loads(path.read_text()) if path.is_file() else {}
+    stored = json.loads(path.read_text()) if path.is_file() else {"settings": settings_of(args), "sizes": {}}
+    if stored.get("settings") != settings_of(args):
+        differences = {
+            key: (stored.get("settings", {}).get(key), value)
+            for key, value in settings_of(args).items()
+            if stored.get("settings", {}).get(key) != value
+        }
+        raise SystemExit(
+            f"bench_attention.py: {path} holds results measured with other settings ({differences}: stored, now); "
+            "pass another --output or remove it"
+        )
+    results = stored["sizes"]
     limit = args.memory_limit_gib * 2**30
     methods = _methods(args.iterations, args.device)
     item = getattr(torch, args.dtype).itemsize
@@ -300,7 +350,7 @@ def run(args) -> dict:
             for method in tqdm(runnable, desc=f"memory N={n}", leave=False):
                 row[method].update(measure_memory(method, n, args.batch, args.heads, args.dim, args))
         results[str(n)] = row
-        path.write_text(json.dumps(results, indent=1))
+        write_json_atomic(path, stored, indent=1)
     return results
 
 
@@ -342,6 +392,7 @@ def main(argv: list[str] | None = None) -> None:
         help="dtype of q, k, v (CPU memory runs: float32)",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile every method (SDPA, eager, Sinkhorn)")
+    parser.add_argument("--padded", action="store_true", help="mask every method as a padded batch")
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -350,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if args.child:
         method, *numbers = args.child
-        print(json.dumps(measure_memory_here(method, *map(int, numbers), args.compile)))
+        print(json.dumps(measure_memory_here(method, *map(int, numbers), args.compile, args.padded)))
         return
     if args.streaming_check:
         print(streaming_check(args))

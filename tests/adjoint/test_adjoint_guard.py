@@ -124,7 +124,11 @@ def test_pretrained_minilm_euler_raises_instead_of_wrong_gradients(minilm_path, 
     )
     batch["labels"] = torch.tensor([1, 0])
     enable_adjoint(model, "euler")
-    with pytest.raises(InexactAdjointError, match=r"layers \[0, 1, 2, 3, 4, 5\] are off") as e:
+    # Rebuilt inputs blow up downwards; where the blow-up overflows (it is chaotic: the last rounding of the
+    # attention decides) the guard's non-finite refusal fires instead of the inexact one. Either way it raises.
+    refusal = r"layers \[0, 1, 2, 3, 4, 5\] are off|rebuilt inputs of layers \[0(, \d)*\] are not finite"
+    with pytest.raises(InexactAdjointError, match=refusal) as e:
         model(**batch).loss.backward()
-    assert min(_listed_errors(str(e.value)).values()) > 1.0  # O(1) and worse: rebuilt inputs blow up downwards
+    errors = _listed_errors(str(e.value))
+    assert sorted(errors) == list(range(6)) and not any(error <= 1.0 for error in errors.values())  # O(1) and worse
     assert all(p.grad is None for p in model.bert.embeddings.parameters())  # raised before reaching them
