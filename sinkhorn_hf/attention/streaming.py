@@ -11,6 +11,11 @@ b is passed to SDPA without gradient; its gradient, the column sums of SDPA's dS
 the blocks. (Rows outside the column marginals keep the extra row step for even K: they stay normalised.) It
 then flows back through the half-steps, whose contributions to dQ and dK are added in place to
 SDPA's. Extra memory beyond SDPA's own: two score blocks and O(K·N) iterates.
+
+A support or bias that differs between queries (transformers' (B, 1, N, N) padding mask) would make SDPA's mask,
+combined with b, an N×N float tensor per head. Then the final pass runs one SDPA call per block of query rows,
+each with its slice of the mask, and the backward recomputes each block's call (without dropout: with it, the
+fused call keeps its graph as above, since the dropout mask could not be replayed).
 """
 
 from __future__ import annotations
@@ -71,6 +76,60 @@ def _zero_rows_without_mass(output: Tensor, allowed: Tensor | None) -> Tensor:
     return output if allowed is None else output.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
 
 
+def _query_rows(x: Tensor | None, rows: slice) -> Tensor | None:
+    """Rows ``rows`` of a tensor broadcastable to (..., Lq, ·); one constant over queries stays whole."""
+    return x if x is None or x.shape[-2] == 1 else x[..., rows, :]
+
+
+def _per_query(allowed: Tensor | None, bias: Tensor | None) -> bool:
+    """Whether SDPA's mask for the final pass would vary over queries (an N×N tensor once b is added)."""
+    if bias is not None and bias.shape[-2] > 1:
+        return True
+    return allowed is not None and _same_for_every_query(allowed).shape[-2] > 1
+
+
+def _blockwise_sdpa(blocks: ScoreBlocks, query, key, value, bias, allowed, key_bias, scale) -> Tensor:
+    """softmax_k(S + 1bᵀ) V, one SDPA call per block of query rows, each with its slice of the mask."""
+    return torch.cat(
+        [
+            torch.nn.functional.scaled_dot_product_attention(
+                query[..., rows, :],
+                key,
+                value,
+                attn_mask=sdpa_mask(_query_rows(allowed, rows), _query_rows(bias, rows), key_bias),
+                scale=scale,
+            )
+            for rows in blocks.slices
+        ],
+        dim=-2,
+    )
+
+
+def _blockwise_sdpa_grads(blocks, leaves, allowed, key_bias, scale, grad_output) -> list[Tensor | None]:
+    """The gradients of :func:`_blockwise_sdpa` w.r.t. the leaves (query, key, value, bias) that require them,
+    recomputing one block at a time."""
+    query, key, value, bias = leaves
+    grads = [None if leaf is None or not leaf.requires_grad else torch.zeros_like(leaf) for leaf in leaves]
+    for rows in blocks.slices:
+        block_bias = None if bias is None else _query_rows(bias, rows).detach().requires_grad_(bias.requires_grad)
+        block_leaves = [query[..., rows, :].detach().requires_grad_(query.requires_grad), key, value, block_bias]
+        with torch.enable_grad():
+            inner = torch.nn.functional.scaled_dot_product_attention(
+                *block_leaves[:3], attn_mask=sdpa_mask(_query_rows(allowed, rows), block_leaves[3], key_bias),
+                scale=scale,
+            )  # fmt: skip
+        wanted = [(i, leaf) for i, leaf in enumerate(block_leaves) if leaf is not None and leaf.requires_grad]
+        parts = torch.autograd.grad(inner, [leaf for _, leaf in wanted], grad_output[..., rows, :])
+        for (i, _), part in zip(wanted, parts, strict=True):
+            if i == 0:
+                grads[0][..., rows, :] += part
+            elif i == 3 and bias.shape[-2] > 1:
+                grads[3][..., rows, :] += part
+            else:
+                grads[i] += part
+    return grads
+
+
 class StreamingSinkhornAttention(torch.autograd.Function):
     """(query, key, value, bias, allowed, query_valid, options) -> output (..., Lq, Dv)."""
 
@@ -80,21 +139,25 @@ class StreamingSinkhornAttention(torch.autograd.Function):
         iterations = options.settings.iterations
         steps = iterations + (iterations + 1) % 2  # always end on a row step
         us, vs, frozen = block_half_steps(blocks, steps, options.settings.tolerance)
-        # SDPA on detached leaves: its graph lives as long as ours (so backward can run more than once).
         needs = list(ctx.needs_input_grad[:4])
         needs[2] = needs[2] or needs[0] or needs[1] or needs[3]  # dV is also needed for the key bias gradient
-        with torch.enable_grad():
-            leaves = [
-                None if x is None else x.detach().requires_grad_(need)
-                for x, need in zip((query, key, value, bias), needs, strict=True)
-            ]
-            inner = torch.nn.functional.scaled_dot_product_attention(
-                *leaves[:3],
-                attn_mask=sdpa_mask(allowed, leaves[3], vs[-1]),
-                dropout_p=options.dropout,
-                scale=options.scale,
-            )
-        ctx.inner = (leaves, inner)
+        ctx.needs = needs
+        if options.dropout == 0 and _per_query(allowed, bias):  # never an N×N mask: recomputed per block
+            inner = _blockwise_sdpa(blocks, query, key, value, bias, allowed, vs[-1], options.scale)
+            ctx.inner = (None, inner)
+        else:  # SDPA on detached leaves: its graph lives as long as ours (so backward can run more than once)
+            with torch.enable_grad():
+                leaves = [
+                    None if x is None else x.detach().requires_grad_(need)
+                    for x, need in zip((query, key, value, bias), needs, strict=True)
+                ]
+                inner = torch.nn.functional.scaled_dot_product_attention(
+                    *leaves[:3],
+                    attn_mask=sdpa_mask(allowed, leaves[3], vs[-1]),
+                    dropout_p=options.dropout,
+                    scale=options.scale,
+                )
+            ctx.inner = (leaves, inner)
         ctx.options = options
         ctx.counts = (len(us), len(vs))
         ctx.save_for_backward(query, key, value, bias, allowed, query_valid, *us, *vs, *frozen)
@@ -121,11 +184,22 @@ class StreamingSinkhornAttention(torch.autograd.Function):
                 grad_log_rescale = grad_log_rescale.masked_fill(~query_valid, 0.0)
             grad_us[-2], grad_us[-1] = grad_log_rescale, -grad_log_rescale
             grad_output = grad_output * rescale
-        wanted = [leaf for leaf in leaves if leaf is not None and leaf.requires_grad]
-        grads = dict(
-            zip(map(id, wanted), torch.autograd.grad(inner, wanted, grad_output, retain_graph=True), strict=True)
-        )
-        grad_query, grad_key, grad_value, grad_bias = (None if leaf is None else grads.get(id(leaf)) for leaf in leaves)
+        if leaves is None:  # the blockwise final pass, recomputed
+            leaves = [
+                None if x is None else x.detach().requires_grad_(need)
+                for x, need in zip((query, key, value, bias), ctx.needs, strict=True)
+            ]
+            grad_query, grad_key, grad_value, grad_bias = _blockwise_sdpa_grads(
+                blocks, leaves, allowed, vs[-1], options.scale, grad_output
+            )
+        else:
+            wanted = [leaf for leaf in leaves if leaf is not None and leaf.requires_grad]
+            grads = dict(
+                zip(map(id, wanted), torch.autograd.grad(inner, wanted, grad_output, retain_graph=True), strict=True)
+            )
+            grad_query, grad_key, grad_value, grad_bias = (
+                None if leaf is None else grads.get(id(leaf)) for leaf in leaves
+            )
         if not ctx.needs_input_grad[2]:
             grad_value, value_grad_for_bias = None, grad_value
         else:
