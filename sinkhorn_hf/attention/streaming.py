@@ -88,21 +88,22 @@ def _per_query(allowed: Tensor | None, bias: Tensor | None) -> bool:
     return allowed is not None and _same_for_every_query(allowed).shape[-2] > 1
 
 
+def _block_sdpa(query_rows: Tensor, key, value, allowed_rows, bias_rows, key_bias, scale: float) -> Tensor:
+    """softmax_k(S + 1bᵀ) V for one block of query rows, given the block's rows of the query, support and bias."""
+    return torch.nn.functional.scaled_dot_product_attention(
+        query_rows, key, value, attn_mask=sdpa_mask(allowed_rows, bias_rows, key_bias), scale=scale
+    )
+
+
 def _blockwise_sdpa(blocks: ScoreBlocks, query, key, value, bias, allowed, key_bias, scale) -> Tensor:
     """softmax_k(S + 1bᵀ) V, one SDPA call per block of query rows, each with its slice of the mask."""
-    return torch.cat(
-        [
-            torch.nn.functional.scaled_dot_product_attention(
-                query[..., rows, :],
-                key,
-                value,
-                attn_mask=sdpa_mask(_query_rows(allowed, rows), _query_rows(bias, rows), key_bias),
-                scale=scale,
-            )
-            for rows in blocks.slices
-        ],
-        dim=-2,
-    )
+    parts = [
+        _block_sdpa(
+            query[..., rows, :], key, value, _query_rows(allowed, rows), _query_rows(bias, rows), key_bias, scale
+        )
+        for rows in blocks.slices
+    ]
+    return torch.cat(parts, dim=-2)
 
 
 def _blockwise_sdpa_grads(blocks, leaves, allowed, key_bias, scale, grad_output) -> list[Tensor | None]:
@@ -114,10 +115,7 @@ def _blockwise_sdpa_grads(blocks, leaves, allowed, key_bias, scale, grad_output)
         block_bias = None if bias is None else _query_rows(bias, rows).detach().requires_grad_(bias.requires_grad)
         block_leaves = [query[..., rows, :].detach().requires_grad_(query.requires_grad), key, value, block_bias]
         with torch.enable_grad():
-            inner = torch.nn.functional.scaled_dot_product_attention(
-                *block_leaves[:3], attn_mask=sdpa_mask(_query_rows(allowed, rows), block_leaves[3], key_bias),
-                scale=scale,
-            )  # fmt: skip
+            inner = _block_sdpa(*block_leaves[:3], _query_rows(allowed, rows), block_bias, key_bias, scale)
         wanted = [(i, leaf) for i, leaf in enumerate(block_leaves) if leaf is not None and leaf.requires_grad]
         parts = torch.autograd.grad(inner, [leaf for _, leaf in wanted], grad_output[..., rows, :])
         for (i, _), part in zip(wanted, parts, strict=True):

@@ -85,7 +85,7 @@ def default_tiles(dtype: torch.dtype) -> tuple[int, int]:
     least is 101 376 B, on sm_86/89/120), head dims up to 128: 64 × 64 for float16/bfloat16 (needs at most
     82 432 B on sm_86), 32 × 32 for float32 (94 592 B), where 64 × 64 needs 131 840 B at D=64 and 213 760 B at
     D=128 (over an A100's 166 912 B). Measured with scripts/compile_triton_kernels.py."""
-    return (64, 64) if torch.empty((), dtype=dtype).element_size() <= 2 else (32, 32)
+    return (64, 64) if dtype.itemsize <= 2 else (32, 32)
 
 
 def _check_block(name: str, size: int) -> None:
