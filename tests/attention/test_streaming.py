@@ -61,12 +61,15 @@ class LargestOutput(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("padded", [False, True])
+# padding as a broadcast (B, 1, N, N) view, and materialised, as transformers hands it to attention functions
+@pytest.mark.parametrize("padded", [None, "broadcast", "materialised"])
 @pytest.mark.parametrize("iterations", [3, 4])
 def test_no_score_matrix_is_ever_materialised(iterations, padded):
     n, heads, dim = 256, 2, 8
     tensors, masks = problem(n=n, lengths=(n, 200) if padded else (n, n), heads=heads, dim=dim, bias=False)
     masks = masks if padded else {}
+    if padded == "materialised":
+        masks["allowed"] = masks["allowed"].contiguous()
     block_rows = routes_module.block_size_for(SinkhornSettings(streaming=True), n, n, dim)
     assert block_rows == 16
     with LargestOutput() as spy:
