@@ -7,6 +7,7 @@ transformers models built from a config that stores ``adjoint_residual_scale`` r
 """
 
 from .api import (
+    DEFAULT_REFERENCE_ROWS,
     DEFAULT_TOLERANCE,
     SCALE_ATTRIBUTE,
     apply_stored_residual_scale,
@@ -30,6 +31,7 @@ install_residual_scale_at_load()
 
 __all__ = [
     "ADJOINT_FAMILIES",
+    "DEFAULT_REFERENCE_ROWS",
     "DEFAULT_TOLERANCE",
     "FORWARD_CHANGING_SCHEMES",
     "SCALE_ATTRIBUTE",

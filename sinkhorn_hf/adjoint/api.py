@@ -18,6 +18,7 @@ from .probe import AdjointProbe, compare_with_backprop
 from .rules import BASE_RULE
 
 DEFAULT_TOLERANCE = 1e-2
+DEFAULT_REFERENCE_ROWS = 2  # sequences of a batch the self-checks and auto's probe run on
 SCALE_ATTRIBUTE = "adjoint_residual_scale"  # config attribute: a float or "1/L"
 
 
@@ -40,6 +41,7 @@ def enable_adjoint(
     residual_scale: float | str | None = None,
     momentum: float = 0.9,
     allow_inexact: bool = False,
+    reference_rows: int | None = DEFAULT_REFERENCE_ROWS,
 ) -> list[AdjointStack]:
     """Train ``model``'s residual layer stack(s) with memory-saving backward passes.
 
@@ -53,7 +55,10 @@ def enable_adjoint(
     ``probe_every`` passes, euler/heun/momentum compare each rebuilt layer input with the exact one and raise
     :class:`~.guard.InexactAdjointError` naming the layers whose error exceeds ``tolerance`` (with
     ``allow_inexact=True``: one warning, and training goes on with those gradients); a non-finite rebuilt input
-    raises in any backward, under every rebuilding scheme (auto included).
+    raises in any backward, under every rebuilding scheme (auto included). The comparison and auto's probe run on
+    ``reference_rows`` sequences of the batch (evenly spaced; None: all of them), so that they cost no peak memory
+    beyond the adjoint's own; non-finite values are caught in every sequence (what a slice can miss: see
+    :mod:`.guard`).
     ``residual_scale`` multiplies every residual branch (``"1/L"``: one over the stack depth, for ODE-like
     models); it is stored as ``config.adjoint_residual_scale`` (None: read it from there, default 1), survives
     ``save_pretrained``, and a model built from such a config (``from_pretrained``, ``from_config``) runs with it.
@@ -71,6 +76,13 @@ def enable_adjoint(
         raise ValueError(f"momentum must lie in (0, 1) (0 cannot be inverted), got {momentum!r}.")
     if not isinstance(allow_inexact, bool):
         raise ValueError(f"allow_inexact must be True or False, got {allow_inexact!r}.")
+    if reference_rows is not None and (
+        not isinstance(reference_rows, int) or isinstance(reference_rows, bool) or reference_rows < 1
+    ):
+        raise ValueError(
+            f"reference_rows must be None (the whole batch) or an integer ≥ 1 (sequences of the batch the "
+            f"self-check compares), got {reference_rows!r}."
+        )
     if fsdp_in_use(model):
         _refuse_under_fsdp(scheme)
     if scheme != OFF and _sharded(model):
@@ -103,7 +115,14 @@ def enable_adjoint(
         setattr(config, SCALE_ATTRIBUTE, residual_scale)
     return [
         AdjointStack(
-            s, scheme, float(tolerance), probe_every, _resolve_scale(spec, len(s.positions)), momentum, allow_inexact
+            s,
+            scheme,
+            float(tolerance),
+            probe_every,
+            _resolve_scale(spec, len(s.positions)),
+            momentum,
+            allow_inexact,
+            reference_rows,
         )
         for s in stacks
     ]

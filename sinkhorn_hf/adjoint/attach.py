@@ -21,7 +21,7 @@ from ..compat import outputs_not_captured
 from ..families import UnsupportedModelError
 from .auto import AutoChoice, choose_anchors, probe_due
 from .function import AdjointLayer, LayerCall, Tape
-from .guard import PassCheck, RebuildGuard
+from .guard import PassCheck, RebuildGuard, check_rows, rows_of
 from .layer_views import Stack, Sublayer
 from .probe import Reconstruction, measure_reconstruction
 from .record import LayerRecord
@@ -60,10 +60,17 @@ class AdjointStack:
         scale: float,
         momentum: float,
         allow_inexact: bool = False,
+        reference_rows: int | None = None,
     ):
         self.stack, self.scheme, self.tolerance, self.probe_every = stack, scheme, tolerance, probe_every
+        self.reference_rows = reference_rows
         self.settings = dict(
-            scheme=scheme, tolerance=tolerance, probe_every=probe_every, momentum=momentum, allow_inexact=allow_inexact
+            scheme=scheme,
+            tolerance=tolerance,
+            probe_every=probe_every,
+            momentum=momentum,
+            allow_inexact=allow_inexact,
+            reference_rows=reference_rows,
         )
         self.rule = RULES.get(scheme, RULES[BASE_RULE])(scale, momentum)
         self.n_layers = len(stack.positions)
@@ -72,7 +79,11 @@ class AdjointStack:
         rebuilds = scheme != OFF and not self.rule.stores_every_input
         # auto's probe already bounds the rebuild errors: its backward checks finiteness only.
         label = f"{scheme!r} on {stack.name}"
-        self.guard = RebuildGuard(label, tolerance, allow_inexact, references=scheme != AUTO) if rebuilds else None
+        self.guard = (
+            RebuildGuard(label, tolerance, allow_inexact, references=scheme != AUTO, reference_rows=reference_rows)
+            if rebuilds
+            else None
+        )
         self._unguarded = False
         self.reconstruction: Reconstruction | None = None  # filled when a probe is requested
         self.passes = 0  # forward passes that built a graph
@@ -212,15 +223,19 @@ class AdjointStack:
             return
         self.passes += 1
         if self.scheme == AUTO and probe_due(self.choice is not None, self.passes, self.probe_every):
+            # The probe keeps every layer's state: on a slice of the batch, so that it costs no peak memory.
+            rows = check_rows(hidden_states.shape[0], self.reference_rows)
+            mask, sliced_kwargs = _rows_of_call(attention_mask, kwargs, rows, hidden_states.shape[0])
             self.choice = choose_anchors(
                 self.stack.name,
                 self.rule,
-                self._layers(attention_mask, kwargs),
+                self._layers(mask, sliced_kwargs),
                 self.stack.positions[0],
-                self._x0(hidden_states),
+                self._x0(rows_of(hidden_states, rows)),
                 training,
                 self.tolerance,
                 self.passes,
+                batch_share=1.0 if rows is None else hidden_states.shape[0] / len(rows),
             )
             self.anchors = set(self.choice.anchors)
 
@@ -234,6 +249,19 @@ class AdjointStack:
             referenced = probe_due(self.guard.checked_pass is not None, self.passes, self.probe_every)
             run.check = self.guard.new_pass(self.passes, referenced)
         return run.check
+
+
+def _rows_of_call(attention_mask: Any, kwargs: dict, rows: torch.Tensor | None, batch: int) -> tuple[Any, dict]:
+    """The layer-call arguments for the ``rows`` of a batch of ``batch``: tensors with a batch dimension (the
+    attention mask: (B, 1, T, T) or (B, 1, 1, T); a mask broadcast over the batch stays as it is)."""
+
+    def take(value: Any) -> Any:
+        batched = isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == batch > 1
+        return rows_of(value, rows) if batched else value
+
+    if rows is None:
+        return attention_mask, kwargs
+    return take(attention_mask), {name: take(value) for name, value in kwargs.items()}
 
 
 def _check_layer_call(layer: nn.Module, attention_mask: Any, extra: tuple, kwargs: dict) -> None:

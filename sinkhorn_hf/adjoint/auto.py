@@ -1,7 +1,8 @@
 """The ``auto`` policy: an exact anchor at every layer whose rebuilt input would be wrong, rebuilding the rest.
 
 On the first pass that builds a graph (and every ``probe_every`` such passes) the stack is run and reversed on
-the batch (:func:`~.probe.measure_reconstruction`); walking down from the output, a layer whose rebuilt input is
+a slice of the batch (the self-check's ``reference_rows`` sequences, :func:`~.guard.check_rows`;
+:func:`~.probe.measure_reconstruction`); walking down from the output, a layer whose rebuilt input is
 off by more than ``tolerance`` (worst token's relative error) stores its exact input, and the chain restarts
 there. The choice, with the activation memory it keeps, is logged and kept as an :class:`AutoChoice`.
 """
@@ -98,13 +99,18 @@ def choose_anchors(
     training: bool,
     tolerance: float,
     pass_index: int,
+    batch_share: float = 1.0,
 ) -> AutoChoice:
-    """Anchors for the stack ``name`` (``layers``: each layer's sublayers, ``x0``: its input state), logged."""
+    """Anchors for the stack ``name`` (``layers``: each layer's sublayers, ``x0``: its input state), logged.
+
+    ``x0`` may be a slice of the batch (the probe keeps every layer's state: on the whole batch that would be
+    checkpointing's memory); ``batch_share`` (batch size / slice size) scales the memory figures to the batch.
+    """
     found = measure_reconstruction(rule, layers, x0, training, tolerance, full=False)
     n_layers = len(layers)
-    state_bytes = sum(t.nbytes for t in x0)
-    plain = saved_activation_bytes(rule, layers[0], first_layer, x0, training) * n_layers
-    kept = [state_bytes if n in found.anchors else found.record_bytes[n] for n in range(n_layers)]
+    state_bytes = round(sum(t.nbytes for t in x0) * batch_share)
+    plain = round(saved_activation_bytes(rule, layers[0], first_layer, x0, training) * batch_share) * n_layers
+    kept = [state_bytes if n in found.anchors else round(found.record_bytes[n] * batch_share) for n in range(n_layers)]
     choice = AutoChoice(
         pass_index,
         found.decision_errors,

@@ -7,8 +7,8 @@ down: layer n takes its output from the tape (the stack output for the top layer
 layer n+1), rebuilds its own input by the reverse rule (or takes its stored input), puts that on the tape for
 layer n−1, recomputes its forward with a graph at that point (replaying the forward's RNG states and autocast)
 and returns the vector-Jacobian products for its input and its trainable parameters. Each rebuilt input goes
-through the pass's :class:`~.guard.PassCheck` (finiteness, and the error against a stored reference input on
-checked passes), which judges them all at the stack's bottom layer. Parameters are inputs of
+through the pass's :class:`~.guard.PassCheck` (finiteness, and the error against the stored exact input of a
+slice of the batch on checked passes), which judges them all at the stack's bottom layer. Parameters are inputs of
 the Function, so gradients reach them through autograd's usual accumulation: frozen parameters get none, shared
 (tied) parameters get the sum over layers, and DDP's hooks fire as in plain backprop.
 """
@@ -87,8 +87,10 @@ class AdjointLayer(torch.autograd.Function):
         ctx.call, ctx.record, ctx.n_state, ctx.params = call, record, n_state, tensors[n_state:]
         device_type = state[0].device.type
         ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-        if call.store_input or call.keeps_reference:
+        if call.store_input:
             ctx.save_for_backward(*state)
+        elif call.keeps_reference:
+            ctx.save_for_backward(call.check.reference(state[0]))
         if call.check is not None:
             call.check.enter(call.position)
         call.tape.put_output(call.position, out)

@@ -1,13 +1,23 @@
 """Self-checks of a rebuilding scheme: rebuilt layer inputs that are wrong or non-finite never pass silently.
 
 Every backward through a stack that rebuilds inputs (euler, heun, momentum, auto) checks each rebuilt input for
-inf/NaN on the device and reads the flags back once, at the bottom of the stack: one host sync per backward of
-the stack. On *checked* passes (the first that builds a graph, then every ``probe_every``; never under ``auto``,
-whose probe already bounds the errors) each layer also keeps its exact input as a reference, which costs the
-memory of ``scheme="checkpoint"`` for that pass only, and the backward compares the rebuilt input with it
-(error ``max_t ‖x̂_t − x_t‖ / ‖x_t‖`` of :func:`~.probe.relative_error`, chained from the stack output as the
-adjoint rebuilds it). An error above the tolerance raises :class:`InexactAdjointError`, or, when the user opted
-out with ``allow_inexact=True``, warns once with the errors; a non-finite rebuilt input always raises (it makes
+inf/NaN on the device, over the whole batch, and reads the flags back once, at the bottom of the stack: one host
+sync per backward of the stack. On *checked* passes (the first that builds a graph, then every ``probe_every``;
+never under ``auto``, whose probe already bounds the errors) each layer also keeps a copy of its exact input for a
+*slice* of the batch (``reference_rows`` sequences, evenly spaced over the batch, :func:`check_rows`), and the
+backward compares the same rows of the rebuilt input with it (error ``max_t ‖x̂_t − x_t‖ / ‖x_t‖`` of
+:func:`~.probe.relative_error`, chained from the stack output as the adjoint rebuilds it). The copies cost
+``reference_rows / batch`` of ``scheme="checkpoint"``'s activation memory on that pass, so the peak memory of a run
+stays the adjoint's own (``reference_rows=None`` keeps the whole batch, as checkpointing does).
+
+What the slice can miss: the error is measured on the sliced sequences only. A rebuild that is finite but wrong
+only in other sequences (one unusual sequence of the batch: much longer, or with tokens whose hidden state is tiny,
+which a pre-LN block amplifies) passes the check. Rebuild errors come from the layers' sensitivity, which is
+mostly shared by the sequences of a batch, so the slice's worst error is an estimate of the batch's, not a bound;
+non-finite values are caught in every sequence.
+
+An error above the tolerance raises :class:`InexactAdjointError`, or, when the user opted out with
+``allow_inexact=True``, warns once with the errors; a non-finite rebuilt input always raises (it makes
 non-finite gradients).
 """
 
@@ -27,6 +37,19 @@ _REMEDY = (
 )
 
 
+def check_rows(batch: int, rows: int | None) -> Tensor | None:
+    """Indices of the ``rows`` sequences of a batch of ``batch`` that a self-check keeps exact inputs for, evenly
+    spaced from the first to the last; None when that is the whole batch (``rows`` None or ≥ ``batch``)."""
+    if rows is None or rows >= batch:
+        return None
+    return torch.linspace(0, batch - 1, rows).round().long().unique()
+
+
+def rows_of(x: Tensor, rows: Tensor | None) -> Tensor:
+    """The ``rows`` (along dim 0) of ``x``, as a new tensor; ``x`` itself when ``rows`` is None."""
+    return x if rows is None else x.index_select(0, rows.to(x.device))
+
+
 class InexactAdjointError(RuntimeError):
     """The rebuilt layer inputs of an adjoint scheme are off by more than its tolerance, or are not finite."""
 
@@ -38,15 +61,18 @@ class RebuildGuard:
     ``checked_pass``; None before the first).
     """
 
-    def __init__(self, label: str, tolerance: float, allow_inexact: bool, references: bool) -> None:
+    def __init__(
+        self, label: str, tolerance: float, allow_inexact: bool, references: bool, reference_rows: int | None = None
+    ) -> None:
         self.label, self.tolerance, self.allow_inexact, self.references = label, tolerance, allow_inexact, references
+        self.reference_rows = reference_rows
         self.errors: dict[int, float] | None = None
         self.checked_pass: int | None = None
         self._warned = False
 
     def new_pass(self, pass_index: int, referenced: bool) -> PassCheck:
         """The check of one forward pass's backward; ``referenced``: compare with stored exact inputs."""
-        return PassCheck(self, pass_index, referenced and self.references)
+        return PassCheck(self, pass_index, referenced and self.references, self.reference_rows)
 
     def judge(self, pass_index: int, positions: list[int], finite: list[bool], errors: list[float] | None) -> None:
         """Raise (or warn once, under ``allow_inexact``) when a rebuilt input is non-finite or too far off."""
@@ -81,8 +107,8 @@ class RebuildGuard:
 class PassCheck:
     """What the backward of one forward pass checks: per rebuilt position, finiteness and (if referenced) error."""
 
-    def __init__(self, guard: RebuildGuard, pass_index: int, referenced: bool) -> None:
-        self.guard, self.pass_index, self.referenced = guard, pass_index, referenced
+    def __init__(self, guard: RebuildGuard, pass_index: int, referenced: bool, rows: int | None = None) -> None:
+        self.guard, self.pass_index, self.referenced, self.rows = guard, pass_index, referenced, rows
         self.bottom: int | None = None  # the lowest position run through the Function: the backward's last
         self._values: dict[int, Tensor] = {}
 
@@ -90,10 +116,18 @@ class PassCheck:
         """Position ``position`` ran through the Function in the forward."""
         self.bottom = position if self.bottom is None else min(self.bottom, position)
 
+    def reference(self, x: Tensor) -> Tensor:
+        """What a layer keeps of its exact input ``x`` (B, ...) to compare with: a copy of the checked rows."""
+        return rows_of(x, check_rows(x.shape[0], self.rows))
+
     def record(self, position: int, rebuilt: State, reference: Tensor | None) -> None:
-        """Keep, on the device, whether ``rebuilt`` is finite and its error against ``reference``."""
+        """Keep, on the device, whether ``rebuilt`` is finite (every row) and the error of its checked rows against
+        ``reference`` (from :meth:`reference`)."""
         finite = torch.stack([torch.isfinite(s).all() for s in rebuilt]).all().double()
-        error = relative_error_tensor(rebuilt[0], reference) if reference is not None else finite.new_tensor(0.0)
+        if reference is None:
+            error = finite.new_tensor(0.0)
+        else:
+            error = relative_error_tensor(rows_of(rebuilt[0], check_rows(rebuilt[0].shape[0], self.rows)), reference)
         self._values[position] = torch.stack([finite, error])
 
     def finish(self, position: int) -> None:

@@ -12,6 +12,8 @@ import torch
 from adjoint_helpers import loss_and_grads, ode_like, rel_error, tiny_model
 
 from sinkhorn_hf.adjoint import InexactAdjointError, enable_adjoint, probe_adjoint
+from sinkhorn_hf.adjoint.guard import check_rows
+from sinkhorn_hf.adjoint.probe import scalar_loss
 from sinkhorn_hf.adjoint.rules import Euler
 
 
@@ -132,3 +134,96 @@ def test_pretrained_minilm_euler_raises_instead_of_wrong_gradients(minilm_path, 
     errors = _listed_errors(str(e.value))
     assert sorted(errors) == list(range(6)) and not any(error <= 1.0 for error in errors.values())  # O(1) and worse
     assert all(p.grad is None for p in model.bert.embeddings.parameters())  # raised before reaching them
+
+
+def _skew_rebuild_row(monkeypatch, norm: torch.nn.Module, row: int) -> None:
+    """Make Euler's reverse return a finite but wrong input (row ``row`` scaled by 1.5) for the layer whose first
+    LayerNorm is ``norm``."""
+    original = Euler.reverse
+
+    def reverse(self, sublayers, state, rec):
+        x, *rest = original(self, sublayers, state, rec)
+        if sublayers[0].norm is norm:
+            x = x.clone()
+            x[row] *= 1.5
+        return (x, *rest)
+
+    monkeypatch.setattr(Euler, "reverse", reverse)
+
+
+def test_check_rows_are_evenly_spaced_and_none_for_the_whole_batch():
+    assert check_rows(16, 2).tolist() == [0, 15]
+    assert check_rows(16, 4).tolist() == [0, 5, 10, 15]
+    assert check_rows(3, 3) is None and check_rows(2, 5) is None and check_rows(8, None) is None
+
+
+@pytest.mark.parametrize(("row", "rows", "caught"), [(0, 2, True), (2, 2, True), (1, 2, False), (1, None, True)])
+def test_the_check_compares_a_slice_of_the_batch_and_misses_errors_outside_it(monkeypatch, row, rows, caught):
+    """A wrong rebuild in a checked sequence is refused; one only in a sequence outside the slice (row 1 of 3 with
+    two checked rows: rows 0 and 2) passes the check: the documented limit of checking a slice."""
+    model, inputs = tiny_model("bert", dropout=0.0)
+    (stack,) = enable_adjoint(model, "euler", reference_rows=rows)
+    _skew_rebuild_row(monkeypatch, model.encoder.layer[1].attention.output.LayerNorm, row)
+    if caught:
+        with pytest.raises(InexactAdjointError, match=r"rebuilt inputs of layers \[0, 1\] are off"):
+            loss_and_grads(model, inputs)
+    else:
+        loss_and_grads(model, inputs)
+        assert max(stack.guard.errors.values()) < 1e-3
+
+
+def test_non_finite_rebuild_outside_the_checked_slice_still_raises(monkeypatch):
+    model, inputs = tiny_model("bert", dropout=0.0)
+    enable_adjoint(model, "euler", reference_rows=1)  # checks row 0 only
+    original = Euler.reverse
+    norm = model.encoder.layer[2].attention.output.LayerNorm
+
+    def reverse(self, sublayers, state, rec):
+        x, *rest = original(self, sublayers, state, rec)
+        if sublayers[0].norm is norm:
+            x = x.clone()
+            x[2, 0, 0] = math.nan
+        return (x, *rest)
+
+    monkeypatch.setattr(Euler, "reverse", reverse)
+    with pytest.raises(InexactAdjointError, match=r"inputs of layers \[0, 1, 2\] are not finite"):
+        loss_and_grads(model, inputs)
+
+
+@pytest.mark.parametrize("scheme", ["euler", "auto"])
+def test_checked_pass_keeps_exact_inputs_of_the_slice_only(scheme):
+    """The checked first pass (euler) keeps, per layer, a copy of 2 of the 8 sequences; auto's probe keeps every
+    layer's state on the same 2 sequences. Measured: the bytes packed for backward, and the largest tensors the
+    probe's reconstruction holds, against the whole-batch check (reference_rows=None)."""
+    from sinkhorn_hf.adjoint import rules
+
+    model, _ = tiny_model("bert", layers=4, dropout=0.0)
+    ids = torch.randint(3, 99, (8, 9), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def peak_state_rows(rows):
+        enable_adjoint(model, scheme, reference_rows=rows)
+        seen, packed = [], []
+        original = rules.Euler.run
+
+        def run(self, sublayers, state, rec):
+            seen.append(state[0].shape[0])
+            return original(self, sublayers, state, rec)
+
+        rules.Euler.run = run
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t.nbytes) or t, lambda t: t):
+                loss = scalar_loss(model(**inputs))
+            loss.backward()
+        finally:
+            rules.Euler.run = original
+        return seen, sum(packed)
+
+    seen_slice, bytes_slice = peak_state_rows(2)
+    seen_all, bytes_all = peak_state_rows(None)
+    layer_input = 9 * 16 * 4  # one sequence's hidden states, float32
+    if scheme == "euler":
+        assert bytes_all - bytes_slice == 4 * (8 - 2) * layer_input  # 4 layers keep 2 rows instead of 8
+    else:
+        # the probe's 4 layers and its estimate of one layer's plain-backprop memory ran on the 2 rows, the rest on 8
+        assert seen_slice.count(2) == 5 and set(seen_slice) == {2, 8} and 2 not in seen_all
