@@ -20,6 +20,8 @@ from .rules import BASE_RULE
 DEFAULT_TOLERANCE = 1e-2
 DEFAULT_REFERENCE_ROWS = 2  # sequences of a batch the self-checks and auto's probe run on
 SCALE_ATTRIBUTE = "adjoint_residual_scale"  # config attribute: a float or "1/L"
+COUPLING_ATTRIBUTE = "adjoint_coupling"  # config attribute: λ of a model trained under scheme="reversible"
+DEFAULT_COUPLING = 1.0  # rebuilt within 1e-3 up to depth 24 on MiniLM in float32 (docs/adjoint.md)
 
 
 def _resolve_scale(spec: Any, n_layers: int) -> float:
@@ -42,13 +44,17 @@ def enable_adjoint(
     momentum: float = 0.9,
     allow_inexact: bool = False,
     reference_rows: int | None = DEFAULT_REFERENCE_ROWS,
+    coupling: float | None = None,
 ) -> list[AdjointStack]:
     """Train ``model``'s residual layer stack(s) with memory-saving backward passes.
 
     Schemes: ``"euler"`` rebuilds each layer input by the reverse step (the model's forward is unchanged);
     ``"heun"`` uses Heun's forward and reverse (changes the forward); ``"checkpoint"`` stores each layer input and
-    recomputes (exact); ``"momentum"`` makes the stack exactly invertible with momentum residuals (changes the
-    forward, to be fine-tuned); ``"auto"`` (Euler forward) probes the reconstruction on the first training batch
+    recomputes (exact); ``"reversible"`` couples each layer with the previous layer's input,
+    ``x' = L(x) + λ·p, p' = x`` (λ = ``coupling``, default ``DEFAULT_COUPLING``; changes the forward, by less the
+    smaller λ, while the rebuild error grows like (‖∂L‖/λ)^depth: see docs/adjoint.md), stored as
+    ``config.adjoint_coupling`` so that ``from_pretrained`` rebuilds the coupled model; ``"momentum"`` makes the
+    stack exactly invertible with momentum residuals (changes the forward, to be fine-tuned); ``"auto"`` (Euler forward) probes the reconstruction on the first training batch
     (and every ``probe_every`` batches), stores an exact anchor at each layer whose rebuilt input would be off
     by more than ``tolerance`` (relative), rebuilds the rest, and logs the choice; ``"off"`` runs plain backprop.
     A scheme that rebuilds inputs checks itself (see :mod:`.guard`): at the first backward and every
@@ -83,6 +89,8 @@ def enable_adjoint(
             f"reference_rows must be None (the whole batch) or an integer ≥ 1 (sequences of the batch the "
             f"self-check compares), got {reference_rows!r}."
         )
+    config = getattr(model, "config", None)
+    coupling = _resolve_coupling(scheme, coupling, getattr(config, COUPLING_ATTRIBUTE, None))
     if fsdp_in_use(model):
         _refuse_under_fsdp(scheme)
     if scheme != OFF and _sharded(model):
@@ -91,12 +99,11 @@ def enable_adjoint(
             "accelerator.prepare or fully_shard): its stacks are found on the plain model, and they keep working "
             "once FSDP wraps the layers."
         )
-    config = getattr(model, "config", None)
     if residual_scale is not None:
         _resolve_scale(residual_scale, 1)
     spec = residual_scale if residual_scale is not None else getattr(config, SCALE_ATTRIBUTE, None)
     _remove_stacks(model)
-    if scheme == OFF and spec in (None, 1, 1.0):
+    if scheme == OFF and spec in (None, 1, 1.0) and coupling is None:
         if config is not None and residual_scale is not None:
             setattr(config, SCALE_ATTRIBUTE, residual_scale)
         return []
@@ -113,6 +120,8 @@ def enable_adjoint(
         )
     if residual_scale is not None:
         setattr(config, SCALE_ATTRIBUTE, residual_scale)
+    if coupling is not None and config is not None:
+        setattr(config, COUPLING_ATTRIBUTE, coupling)
     return [
         AdjointStack(
             s,
@@ -123,9 +132,32 @@ def enable_adjoint(
             momentum,
             allow_inexact,
             reference_rows,
+            coupling,
         )
         for s in stacks
     ]
+
+
+def _resolve_coupling(scheme: str, requested: Any, stored: Any) -> float | None:
+    """λ of the reversible coupling the stacks run (None: no coupling): the requested one under ``"reversible"``
+    (else the stored one, else the default); under ``"off"`` the stored one, so that a coupled model keeps its
+    function. Any other scheme on a coupled model is refused: it would run a different function."""
+    if requested is not None and (
+        scheme != "reversible" or not isinstance(requested, (int, float)) or isinstance(requested, bool)
+    ):
+        raise ValueError(f"coupling applies to scheme='reversible' only and must be a number, got {requested!r}.")
+    if scheme == "reversible":
+        value = requested if requested is not None else stored if stored is not None else DEFAULT_COUPLING
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"coupling must lie in (0, 1] (the reverse divides by it), got {value!r}.")
+        return float(value)
+    if stored is not None and scheme != OFF:
+        raise ValueError(
+            f"this model runs a reversible coupling (config.{COUPLING_ATTRIBUTE} = {stored}): its function needs it, "
+            f"so scheme {scheme!r} would train a different model. Use scheme='reversible' (rebuilds inputs) or "
+            "'off' (plain backprop of the coupled forward)."
+        )
+    return None if stored is None else float(stored)
 
 
 def _sharded(model: nn.Module) -> bool:
@@ -174,15 +206,16 @@ def _refuse_under_fsdp(scheme: str) -> None:
 def disable_adjoint(model: nn.Module) -> None:
     """Give the layers back their own forward (plain backprop).
 
-    A model with a residual scale other than 1 keeps it (its function depends on it): its layers stay wrapped
-    with scheme ``"off"``.
+    A model with a residual scale other than 1, or a reversible coupling, keeps it (its function depends on it):
+    its layers stay wrapped with scheme ``"off"``.
     """
     _remove_stacks(model)
     config = getattr(model, "config", None)
-    spec = getattr(config, SCALE_ATTRIBUTE, None)
-    if spec not in (None, 1, 1.0):
+    spec, coupling = getattr(config, SCALE_ATTRIBUTE, None), getattr(config, COUPLING_ATTRIBUTE, None)
+    if spec not in (None, 1, 1.0) or coupling is not None:
         for s in find_stacks(model):
-            AdjointStack(s, OFF, DEFAULT_TOLERANCE, None, _resolve_scale(spec, len(s.positions)), 0.9)
+            scale = _resolve_scale(spec, len(s.positions))
+            AdjointStack(s, OFF, DEFAULT_TOLERANCE, None, scale, 0.9, coupling=coupling)
 
 
 def _remove_stacks(model: nn.Module) -> None:
@@ -195,7 +228,8 @@ def apply_stored_residual_scale(model: nn.Module) -> None:
     has none (or 1). Called at the end of every transformers model's ``post_init`` (see
     :func:`install_residual_scale_at_load`), so that a saved scaled model reloads as it was; a head model's
     call replaces the stacks its encoder's own ``post_init`` attached (same function, named from the top)."""
-    if getattr(getattr(model, "config", None), SCALE_ATTRIBUTE, None) not in (None, 1, 1.0):
+    config = getattr(model, "config", None)
+    if getattr(config, SCALE_ATTRIBUTE, None) not in (None, 1, 1.0) or getattr(config, COUPLING_ATTRIBUTE, None):
         disable_adjoint(model)
 
 

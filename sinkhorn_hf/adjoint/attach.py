@@ -27,7 +27,11 @@ from .probe import Reconstruction, measure_reconstruction
 from .record import LayerRecord
 from .rules import BASE_RULE, RULES, State
 
-AUTO, OFF = "auto", "off"  # the schemes that are policies over Euler's rule rather than rules of their own
+AUTO, OFF, REVERSIBLE = (
+    "auto",
+    "off",
+    "reversible",
+)  # the schemes that are policies over Euler's rule rather than rules of their own
 SCHEMES = (AUTO, *RULES, OFF)
 FORWARD_CHANGING_SCHEMES = tuple(name for name, rule in RULES.items() if rule.changes_forward)
 _ENCODER_DECODER_ARGS = ("encoder_hidden_states", "encoder_attention_mask", "cache", "past_key_values")
@@ -61,6 +65,7 @@ class AdjointStack:
         momentum: float,
         allow_inexact: bool = False,
         reference_rows: int | None = None,
+        coupling: float | None = None,
     ):
         self.stack, self.scheme, self.tolerance, self.probe_every = stack, scheme, tolerance, probe_every
         self.reference_rows = reference_rows
@@ -71,8 +76,11 @@ class AdjointStack:
             momentum=momentum,
             allow_inexact=allow_inexact,
             reference_rows=reference_rows,
+            coupling=coupling if scheme == REVERSIBLE else None,  # "off" reads it from the config
         )
-        self.rule = RULES.get(scheme, RULES[BASE_RULE])(scale, momentum)
+        # "off" on a coupled model runs the coupling with plain autograd; "auto" and "off" are Euler's otherwise.
+        rule = scheme if scheme in RULES else REVERSIBLE if coupling is not None else BASE_RULE
+        self.rule = RULES[rule](scale, momentum, *([] if coupling is None else [coupling]))
         self.n_layers = len(stack.positions)
         self.anchors: set[int] = set(range(self.n_layers)) if self.rule.stores_every_input else set()
         self.choice: AutoChoice | None = None

@@ -118,5 +118,8 @@ class AdjointLayer(torch.autograd.Function):
                 out = call.rule.run(call.sublayers, state, record.replaying())
                 inputs = (*state, *ctx.params)
                 wanted = [t for t, n in zip(inputs, needs, strict=True) if n]
-                grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
+                # An output that is an input passed on (reversible's p' = x) has no graph when x needs no grad.
+                pairs = [(o, g) for o, g in zip(out, grad_out, strict=True) if o.requires_grad]
+                live, grad_live = [o for o, _ in pairs], [g for _, g in pairs]
+                grads = iter(torch.autograd.grad(live, wanted, grad_live, allow_unused=True))
         return (None, None, *(next(grads) if n else None for n in needs))

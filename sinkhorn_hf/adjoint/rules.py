@@ -7,6 +7,9 @@ Per sublayer ``x -> N(x + f(x))`` with ``f = s·b`` (see :mod:`.layer_views`; no
   ``x ≈ z − ½[f(z) + f(z − f(z))]``, second order when f is smooth in depth (Sander et al., NeurIPS 2022).
 - :class:`Momentum`: on the whole layer ``F(x) = layer(x) − x`` with a velocity ``v`` (Sander et al., ICML 2021):
   ``v' = γv + (1−γ)F(x)``, ``x' = x + v'``. Exactly invertible: ``x = x' − v'``, ``v = (v' − (1−γ)F(x))/γ``.
+- :class:`Reversible`: a two-stream coupling on the whole layer ``L`` (MEFT, Liao et al., NeurIPS 2023, with the
+  layer as F and no G): state (x, p), ``x' = L(x) + λp``, ``p' = x``, p = 0 at the bottom. Invertible exactly up to
+  rounding: ``x = p'``, ``p = (x' − L(x))/λ``; λ → 0 tends to the pretrained function, λ = 1 rebuilds best.
 - :class:`Checkpoint`: Euler's forward, every layer input stored (exact recomputation, nothing rebuilt).
 
 For post-LN sublayers the reverse first undoes ``N`` with the statistics kept in the forward:
@@ -50,15 +53,15 @@ class Rule:
 
     Subclasses give one sublayer's residual update (:meth:`_residual`) and its approximate inverse
     (:meth:`_unresidual`); the loop over sublayers and the post-LN sums is shared. ``momentum`` is γ of
-    :class:`Momentum` (ignored by the other rules).
+    :class:`Momentum`, ``coupling`` λ of :class:`Reversible` (each ignored by the other rules).
     """
 
     stores_every_input = False  # True: every layer call keeps its exact input (nothing is rebuilt)
     keeps_norm_stats = True  # the reverse undoes post-LN sums with the forward's (μ, σ)
     changes_forward = False  # True: not the model's own function (a pretrained model must be fine-tuned with it)
 
-    def __init__(self, scale: float = 1.0, momentum: float = 0.9) -> None:
-        self.scale, self.momentum = scale, momentum
+    def __init__(self, scale: float = 1.0, momentum: float = 0.9, coupling: float = 0.5) -> None:
+        self.scale, self.momentum, self.coupling = scale, momentum, coupling
 
     def start(self, x: Tensor, carried: State = ()) -> State:
         """A layer's input state from the hidden states ``x`` and what the previous layer carried over."""
@@ -89,6 +92,10 @@ class Rule:
             z = y if sub.norm is None else _unnorm(y, rec.stats[i], sub.norm)
             y = self._unresidual(rec, i, sub, z)
         return (y,)
+
+    def _whole_layer(self, sublayers: list[Sublayer], x: Tensor, rec: LayerRecord) -> Tensor:
+        """The layer's own output at ``x`` (its sublayers by :meth:`_residual`), for rules built on whole layers."""
+        return Rule.run(self, sublayers, (x,), rec)[0]
 
     def _f(self, rec: LayerRecord, k: int, sub: Sublayer, x: Tensor) -> Tensor:
         out = rec.branch(k, sub.branch, x)
@@ -145,20 +152,43 @@ class Momentum(Euler):
 
     def run(self, sublayers: list[Sublayer], state: State, rec: LayerRecord) -> State:
         x, v = state
-        v = self.momentum * v + (1.0 - self.momentum) * (self._layer_update(sublayers, x, rec) - x)
+        v = self.momentum * v + (1.0 - self.momentum) * (self._whole_layer(sublayers, x, rec) - x)
         return x + v, v
 
     def reverse(self, sublayers: list[Sublayer], state: State, rec: LayerRecord) -> State:
         x1, v1 = state
         x = x1 - v1
-        update = self._layer_update(sublayers, x, rec.replaying())
+        update = self._whole_layer(sublayers, x, rec.replaying())
         return x, (v1 - (1.0 - self.momentum) * (update - x)) / self.momentum
 
-    def _layer_update(self, sublayers: list[Sublayer], x: Tensor, rec: LayerRecord) -> Tensor:
-        return super().run(sublayers, (x,), rec)[0]
+
+class Reversible(Euler):
+    """State (x, p): ``x' = L(x) + λ·p``, ``p' = x`` with λ = ``coupling`` and ``L`` the whole layer; p = 0 enters
+    the bottom layer (which computes the pretrained layer exactly). Reverse: ``x = p'``, ``p = (x' − L(x))/λ``: the
+    only error is the rounding of the forward sum, divided by λ, and it grows by about ‖∂L‖/λ per layer down."""
+
+    keeps_norm_stats = False  # the reverse runs the layer forwards at the known x: nothing to undo
+    changes_forward = True
+
+    def start(self, x: Tensor, carried: State = ()) -> State:
+        return (x, *carried) if carried else (x, torch.zeros_like(x))
+
+    def run(self, sublayers: list[Sublayer], state: State, rec: LayerRecord) -> State:
+        x, p = state
+        return self._whole_layer(sublayers, x, rec) + self.coupling * p, x
+
+    def reverse(self, sublayers: list[Sublayer], state: State, rec: LayerRecord) -> State:
+        x1, x = state
+        return x, (x1 - self._whole_layer(sublayers, x, rec.replaying())) / self.coupling
 
 
 # The user-facing names of the rules, in the order the docs list them. "auto" and "off" are not rules but
 # policies over BASE_RULE (see .attach): the model's own forward, also what probe_adjoint probes by default.
-RULES: dict[str, type[Rule]] = {"euler": Euler, "heun": Heun, "checkpoint": Checkpoint, "momentum": Momentum}
+RULES: dict[str, type[Rule]] = {
+    "euler": Euler,
+    "heun": Heun,
+    "checkpoint": Checkpoint,
+    "momentum": Momentum,
+    "reversible": Reversible,
+}
 BASE_RULE = "euler"

@@ -15,7 +15,7 @@ from ..adjoint import DEFAULT_TOLERANCE
 from ..attention.settings import SinkhornSettings
 
 AttnImplementation = Literal["eager", "sdpa", "sinkhorn"]
-AdjointScheme = Literal["off", "auto", "euler", "heun", "checkpoint", "momentum"]
+AdjointScheme = Literal["off", "auto", "euler", "heun", "checkpoint", "momentum", "reversible"]
 
 
 # Help for every SinkhornSettings field (tests/training/test_arguments.py fails for a field missing here).
@@ -122,6 +122,10 @@ class ModelArguments(SinkhornArguments):
     adjoint_allow_inexact: bool = field(
         default=False,
         metadata={"help": "train on when euler/heun/momentum rebuild inputs beyond the tolerance (one warning)"},
+    )
+    adjoint_coupling: float | None = field(
+        default=None,
+        metadata={"help": "λ of --adjoint reversible, in (0, 1]: x' = layer(x) + λ·(previous input) (default 1)"},
     )
     lora_r: int | None = field(default=None, metadata={"help": "LoRA rank; unset trains all weights"})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling alpha"})

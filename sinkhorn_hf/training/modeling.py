@@ -64,6 +64,7 @@ def build_model(
             tolerance=model_args.adjoint_tolerance,
             probe_every=model_args.adjoint_probe_every,
             allow_inexact=model_args.adjoint_allow_inexact,
+            coupling=model_args.adjoint_coupling,
         )
     if model_args.lora_r is None:
         return model, None

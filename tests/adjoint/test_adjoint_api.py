@@ -15,7 +15,7 @@ from sinkhorn_hf.adjoint import FORWARD_CHANGING_SCHEMES, SCHEMES, adjoint_stack
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"scheme": "rk4"}, "unknown adjoint scheme 'rk4'.*auto, euler, heun, checkpoint, momentum, off"),
+        ({"scheme": "rk4"}, "unknown adjoint scheme 'rk4'.*auto, euler, heun, checkpoint, momentum, reversible, off"),
         ({"tolerance": 0.0}, "tolerance must be a positive number"),
         ({"tolerance": "high"}, "tolerance must be a positive number"),
         ({"probe_every": 0}, "probe_every must be None or an integer"),
