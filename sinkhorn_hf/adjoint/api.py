@@ -50,13 +50,14 @@ def enable_adjoint(
 
     Schemes: ``"euler"`` rebuilds each layer input by the reverse step (the model's forward is unchanged);
     ``"heun"`` uses Heun's forward and reverse (changes the forward); ``"checkpoint"`` stores each layer input and
-    recomputes (exact); ``"reversible"`` couples each layer with the previous layer's input,
-    ``x' = L(x) + λ·p, p' = x`` (λ = ``coupling``, default ``DEFAULT_COUPLING``; changes the forward, by less the
-    smaller λ, while the rebuild error grows like (‖∂L‖/λ)^depth: see docs/adjoint.md), stored as
-    ``config.adjoint_coupling`` so that ``from_pretrained`` rebuilds the coupled model; ``"momentum"`` makes the
-    stack exactly invertible with momentum residuals (changes the forward, to be fine-tuned); ``"auto"`` (Euler forward) probes the reconstruction on the first training batch
-    (and every ``probe_every`` batches), stores an exact anchor at each layer whose rebuilt input would be off
-    by more than ``tolerance`` (relative), rebuilds the rest, and logs the choice; ``"off"`` runs plain backprop.
+    recomputes (exact); ``"reversible"`` couples each layer with the previous layer's input, ``x' = L(x) + λ·p, p' =
+    x`` (λ = ``coupling``, default ``DEFAULT_COUPLING``; changes the forward, by less the smaller λ, while the
+    rebuild error grows like (‖∂L‖/λ)^depth: see docs/adjoint.md), stored as ``config.adjoint_coupling`` so that
+    ``from_pretrained`` rebuilds the coupled model; ``"momentum"`` makes the stack exactly invertible with momentum
+    residuals (changes the forward, to be fine-tuned); ``"auto"`` (Euler forward) probes the reconstruction on the
+    first training batch (and every ``probe_every`` batches), stores an exact anchor at each layer whose rebuilt
+    input would be off by more than ``tolerance`` (relative), rebuilds the rest, and logs the choice; ``"off"`` runs
+    plain backprop.
     A scheme that rebuilds inputs checks itself (see :mod:`.guard`): at the first backward and every
     ``probe_every`` passes, euler/heun/momentum compare each rebuilt layer input with the exact one and raise
     :class:`~.guard.InexactAdjointError` naming the layers whose error exceeds ``tolerance`` (with
