@@ -8,8 +8,9 @@ inputs of ``reference_rows`` sequences per layer) and ``auto`` probes then. Each
 its own process: the model is built, then the kernel's peak resident counter is reset (VmHWM through
 /proc/self/clear_refs, glibc returning freed tensors at once) and ``--steps`` SGD steps run (no optimizer state);
 the peak minus the resident memory before the first step is reported, so parameters are excluded and gradients
-included. The figure of merit is the growth of that peak from the smallest to the largest depth, against
-checkpointing's growth measured in the same run.
+included (``--after-first-step``: one step runs before the counter is reset, so gradients are excluded and the
+checked pass is over: activation memory only). The figure of merit is the growth of that peak from the smallest to
+the largest depth, against checkpointing's growth measured in the same run.
 
 Configurations: ``plain``, ``checkpoint``, ``euler`` / ``heun`` (with ``allow_inexact``: a random or pretrained
 encoder is not rebuilt within tolerance; the guard still keeps its references), ``momentum`` (exactly invertible:
@@ -77,6 +78,9 @@ def worker(args: argparse.Namespace) -> dict:
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-5)  # no state: the growth is gradients + activations
     ids = torch.randint(0, 1000, (args.batch_size, args.seq_len))
     labels = torch.randint(0, 2, (args.batch_size,))
+    if args.after_first_step:  # activation memory only: gradients allocated, the first (checked) pass done
+        model(input_ids=ids, labels=labels).loss.backward()
+        optimizer.zero_grad(set_to_none=False)
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident size
     base = _rss_bytes("VmRSS")
     times = []
@@ -103,6 +107,7 @@ def run_one(args: argparse.Namespace, depth: int, config: str) -> dict:
     command = [sys.executable, __file__, "--worker", "--depth", str(depth), "--config", config]
     for name in ("seq_len", "batch_size", "hidden", "heads", "steps"):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    command += ["--after-first-step"] if args.after_first_step else []
     # Freed tensors go back to the system at once, so resident memory tracks live tensors.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -142,6 +147,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--steps", type=int, default=1, help="steps measured from the first (1: the checked pass)")
+    parser.add_argument(
+        "--after-first-step",
+        action="store_true",
+        help="measure from the second step (gradients excluded, no checked pass): activation memory only",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench_adjoint_memory"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--depth", type=int, help=argparse.SUPPRESS)
@@ -166,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "results.json"
-    shape = {k: getattr(args, k) for k in ("seq_len", "batch_size", "hidden", "heads", "steps")}
+    shape = {k: getattr(args, k) for k in ("seq_len", "batch_size", "hidden", "heads", "steps", "after_first_step")}
     saved = json.loads(path.read_text()) if path.exists() else {}
     results = saved.get("results", []) if saved.get("shape") == shape else []
     for depth in args.depths:

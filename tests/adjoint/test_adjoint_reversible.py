@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from adjoint_helpers import loss_and_grads, rel_error, tiny_model, unit_scale_stream
+from adjoint_helpers import loss_and_grads, rel_error, script_module, tiny_model, unit_scale_stream
 
 from sinkhorn_hf.adjoint import InexactAdjointError, adjoint_stacks, disable_adjoint, enable_adjoint, probe_adjoint
 from sinkhorn_hf.adjoint.layer_views import Sublayer, find_stacks
@@ -146,18 +146,13 @@ def test_reversible_composes_with_lora():
 
 def _minilm(path, layers: int, attn: str = "sdpa"):
     """The pretrained MiniLM, or a BERT of ``layers`` layers built from its config with its 6 pretrained layers
-    repeated (layer n holds layer n mod 6's weights), in train mode, with a two-sentence batch and labels."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    repeated (scripts/reversible_coupling.py), in train mode, with a two-sentence batch and labels."""
+    from transformers import AutoTokenizer
 
     import sinkhorn_hf  # noqa: F401  (registers attn_implementation="sinkhorn")
 
-    config = AutoConfig.from_pretrained(path, num_labels=2, num_hidden_layers=layers)
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(path, config=config, attn_implementation=attn)
-    if layers > 6:
-        pretrained = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-        for n, layer in enumerate(model.bert.encoder.layer):
-            layer.load_state_dict(pretrained.bert.encoder.layer[n % 6].state_dict())
+    model = script_module("reversible_coupling").deep_pretrained(str(path), layers, attn)
     tokenizer = AutoTokenizer.from_pretrained(path)
     batch = dict(
         tokenizer(["a gripping, beautifully shot film", "dull and far too long"], padding=True, return_tensors="pt")
