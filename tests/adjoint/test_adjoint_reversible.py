@@ -177,3 +177,22 @@ def test_pretrained_minilm_gradients_match_exact_backprop_of_the_coupled_model(m
     model(**batch).loss.backward()  # the guard's checked pass: raises if a rebuilt input is off
     assert max(stack.guard.errors.values()) <= 1e-2
     assert all(p.grad is not None for p in model.bert.embeddings.parameters() if p.requires_grad)
+
+
+def test_trainer_flags_build_a_reversible_model(tmp_path):
+    from transformers import AutoModelForSequenceClassification, HfArgumentParser
+
+    from sinkhorn_hf.training.arguments import ModelArguments
+    from sinkhorn_hf.training.modeling import build_model, load_config
+
+    model, _ = tiny_model("bert", layers=2)
+    model.save_pretrained(tmp_path)
+    flags = ["--model_name_or_path", str(tmp_path), "--adjoint", "reversible", "--adjoint_coupling", "0.5"]
+    (model_args,) = HfArgumentParser(ModelArguments).parse_args_into_dataclasses(flags)
+    built, _ = build_model(model_args, load_config(model_args, num_labels=2), AutoModelForSequenceClassification)
+    (stack,) = adjoint_stacks(built)
+    assert stack.scheme == "reversible" and stack.rule.coupling == 0.5 and built.config.adjoint_coupling == 0.5
+    flags[3] = "euler"
+    (model_args,) = HfArgumentParser(ModelArguments).parse_args_into_dataclasses(flags)
+    with pytest.raises(ValueError, match="coupling applies to scheme='reversible' only"):
+        build_model(model_args, load_config(model_args, num_labels=2), AutoModelForSequenceClassification)
