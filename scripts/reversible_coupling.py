@@ -48,9 +48,9 @@ def deep_pretrained(path: str, depth: int, attn: str = "sdpa") -> torch.nn.Modul
 
 
 def measure(model: torch.nn.Module, batch: dict, coupling: float, bf16: bool) -> dict:
-    disable_adjoint(model)
-    if hasattr(model.config, "adjoint_coupling"):
+    if hasattr(model.config, "adjoint_coupling"):  # first: disable_adjoint keeps a stored coupling
         del model.config.adjoint_coupling
+    disable_adjoint(model)
     model.eval()
     with torch.no_grad():
         plain = model.base_model(**batch).last_hidden_state
