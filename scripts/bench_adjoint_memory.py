@@ -24,11 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench_memory import _rss_bytes  # the kernel's resident-memory counters, read as bench_memory does
 
 # name -> (scheme, enable_adjoint keyword arguments); "plain" enables nothing
 CONFIGS: dict[str, tuple[str, dict]] = {
@@ -43,11 +44,6 @@ CONFIGS: dict[str, tuple[str, dict]] = {
 }
 DEFAULT_CONFIGS = ("plain", "checkpoint", "euler", "momentum", "auto", "euler-whole-batch")
 _MIB = 2**20
-
-
-def _rss_bytes(field: str) -> int:
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(rf"{field}:\s+(\d+) kB", status).group(1)) * 1024
 
 
 def worker(args: argparse.Namespace) -> dict:
