@@ -1,4 +1,4 @@
-"""scripts/reproduce_adjoint.py and scripts/bench_memory.py on small sizes."""
+"""scripts/reproduce_adjoint.py, scripts/bench_memory.py and scripts/bench_adjoint_memory.py on small sizes."""
 
 from __future__ import annotations
 
@@ -68,3 +68,18 @@ def test_bench_memory_runs_each_config_in_its_own_process(tmp_path, capsys):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert [r["config"] for r in saved["results"]] == ["plain"]
     assert "| 2 |" in capsys.readouterr().out
+
+
+def test_bench_adjoint_memory_table_reports_growth_against_checkpointing():
+    bench = script_module("bench_adjoint_memory")
+    mib = 2**20
+    results = [
+        {"depth": d, "config": c, "peak_bytes": b * mib}
+        for d, c, b in [(6, "checkpoint", 100), (24, "checkpoint", 300), (6, "euler", 90), (24, "euler", 150)]
+    ]
+    table = bench.table(results, [6, 24], ["checkpoint", "euler", "plain"])
+    assert "| checkpoint | 100 | 300 | 200 | 1.00 |" in table
+    assert "| euler | 90 | 150 | 60 | 0.30 |" in table
+    assert "| plain | – | – | – | – |" in table
+    with pytest.raises(SystemExit):
+        bench.parse(["--depths", "24", "6"])  # depths must increase: growth is from the first to the last
