@@ -20,7 +20,7 @@ from transformers import AttentionInterface, PreTrainedConfig, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .. import compat
-from ..families import check_supported
+from ..families import UnsupportedModelError, check_supported
 from .masking import support_from_mask
 from .routes import sinkhorn_attention
 from .settings import SinkhornSettings
@@ -59,6 +59,7 @@ def sinkhorn_attention_forward(
     """
     _refuse_causal(module, kwargs.get("is_causal"))
     settings = SinkhornSettings.from_config(module.config)
+    key, value = _share_key_value_heads(key, value, query.shape[1])
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     support = None
@@ -100,6 +101,15 @@ def _refuse_causal(module: nn.Module, is_causal: bool | None) -> None:
         )
 
 
+def _share_key_value_heads(key: Tensor, value: Tensor, query_heads: int) -> tuple[Tensor, Tensor]:
+    """Grouped-query attention (EuroBERT): key/value (B, H_kv, Lk, D) -> (B, H, Lk, D), each key/value head
+    serving the H / H_kv consecutive query heads of its group, as transformers' ``repeat_kv`` does for eager."""
+    groups, remainder = divmod(query_heads, key.shape[1])
+    if groups == 1 or remainder:  # unequal head counts that are no grouping: the route names the shapes
+        return key, value
+    return key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+
+
 def _query_valid(query_mask: Tensor | None, support, query_shape: torch.Size) -> Tensor | None:
     """Valid queries (B, 1, Lq, 1): the user's ``sinkhorn_query_mask`` (B, Lq) when given, else the mask's guess."""
     if query_mask is None:
@@ -132,10 +142,10 @@ def _check_sinkhorn_request(model: PreTrainedModel, requested_attention: str | N
     if requested_attention != ATTN_IMPLEMENTATION:
         return
     check_supported(model.config, type(model).__name__)
-    if not (type(model).is_backend_compatible() and compat.can_set_attn_implementation(type(model))):
-        raise ValueError(
-            f"{type(model).__name__} does not route its attention through transformers' AttentionInterface, "
-            "so sinkhorn attention would not run."
+    if not compat.can_set_attn_implementation(type(model)):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}'s attention modules do not call transformers' AttentionInterface, so sinkhorn "
+            "attention would not run."
         )
     if getattr(model.config, "is_decoder", False):
         raise CausalSinkhornError(
