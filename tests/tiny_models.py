@@ -150,7 +150,7 @@ def _shape_fields(model_type: str, layers: int) -> dict[str, Any]:
         "beit": dict(use_relative_position_bias=True),
         "vit_mae": dict(mask_ratio=0.0),
         "modernbert": dict(local_attention=4, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2),
-        "eurobert": dict(num_key_value_heads=1, head_dim=8, bos_token_id=1, eos_token_id=2),
+        "eurobert": dict(num_key_value_heads=1, head_dim=8, bos_token_id=1, eos_token_id=2, mask_token_id=3),
         "nomic_bert": dict(head_dim=8),
         "esm": dict(position_embedding_type="rotary", mask_token_id=3, emb_layer_norm_before=False),
         "dinov3_vit": dict(num_register_tokens=2, layerscale_value=0.5),

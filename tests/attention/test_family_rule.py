@@ -148,3 +148,18 @@ def test_every_served_family_has_a_tiny_model():
     # a type admitted by families.py without a model in the tests would be served unchecked
     composites = {"clip", "siglip", "siglip2"}  # their vision towers are the tested types
     assert set(sinkhorn_hf.SUPPORTED_FAMILIES) - composites == set(FAMILIES)
+
+
+@torch.no_grad()
+def test_modernbert_band_without_padding_is_the_support(calls):
+    # no padding: the mask transformers builds for the local layers is the band alone, and it must still arrive
+    tiny = _switch(make_tiny("modernbert", "eager"), 25)
+    unpadded = {"input_ids": tiny.inputs["input_ids"][2:], "attention_mask": tiny.inputs["attention_mask"][2:]}
+    attentions = tiny.model(**unpadded, output_attentions=True).attentions
+    local = [i for i, (module, *_) in enumerate(calls) if module.sliding_window is not None]
+    assert local, "the tiny ModernBERT must have a local layer"
+    band = _expected_support(tiny.model, calls[local[0]][0], None, 9)[0]
+    assert not band.all()
+    attention = attentions[local[0]][0]
+    assert torch.all(attention[:, ~band] == 0)
+    torch.testing.assert_close(attention.sum(-2), torch.ones(2, 9), atol=1e-3, rtol=0)
