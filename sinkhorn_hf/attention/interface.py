@@ -155,6 +155,78 @@ def _check_sinkhorn_request(model: PreTrainedModel, requested_attention: str | N
     SinkhornSettings.from_config(model.config)  # bad settings fail at load time, not at the first step
 
 
+def _mentions_sinkhorn(requested: object) -> bool:
+    if isinstance(requested, dict):
+        return any(_mentions_sinkhorn(value) for value in requested.values())
+    return requested == ATTN_IMPLEMENTATION
+
+
+def _check_requested_keys(config: PreTrainedConfig | type, requested: object) -> None:
+    """Refuse a dict ``attn_implementation`` that mentions sinkhorn under keys transformers would ignore (it reads
+    ``""`` for the model itself and the names in ``config.sub_configs``, and silently keeps its default elsewhere).
+
+    ``config``: the config (or config class) the dict is applied to; nested dicts are checked against sub-configs.
+    """
+    if not isinstance(requested, dict) or not _mentions_sinkhorn(requested):
+        return
+    sub_configs = getattr(config, "sub_configs", None) or {}
+    unknown = [key for key in requested if key != "" and key not in sub_configs]
+    if unknown:
+        name = config.__name__ if isinstance(config, type) else type(config).__name__
+        valid = ", ".join(["'' (the model itself)", *map(repr, sub_configs)])
+        shared = (
+            f"; {name} has no sub-configs, its parts share one config: pass a name (attn_implementation="
+            '"sinkhorn") or load the part you want alone, e.g. WhisperForAudioClassification for Whisper\'s encoder'
+            if not sub_configs
+            else ""
+        )
+        raise ValueError(
+            f"attn_implementation={requested!r} names {', '.join(map(repr, unknown))}, which {name} does not have, "
+            f"so transformers would ignore it and run another attention where sinkhorn was asked for. Valid keys: "
+            f"{valid}{shared}."
+        )
+    for key, value in requested.items():
+        if key:
+            _check_requested_keys(getattr(config, key, None) or sub_configs[key], value)
+
+
+def _sinkhorn_configs(config: PreTrainedConfig, requested: object) -> list[PreTrainedConfig]:
+    """The configs (``config`` and its sub-configs, at any depth) that ``requested`` asks to run sinkhorn."""
+    own = requested.get("") if isinstance(requested, dict) else requested
+    found = [config] if own == ATTN_IMPLEMENTATION else []
+    for key in getattr(config, "sub_configs", None) or {}:
+        sub_config = getattr(config, key, None)
+        if sub_config is not None:
+            asked = requested.get(key) if isinstance(requested, dict) else requested
+            found += _sinkhorn_configs(sub_config, asked)
+    return found
+
+
+def _verify_sinkhorn_runs(model: PreTrainedModel, requested: object) -> None:
+    """After loading (or switching), every part asked for sinkhorn must have it (its config, and every module
+    holding a config of the same model type: a tower may hold a copy), and none of its attention modules may be
+    causal (Whisper's decoder: refused here rather than at its first forward)."""
+    asked = _sinkhorn_configs(model.config, requested)
+    if not asked:
+        return
+    asked_types = {config.model_type for config in asked}
+    holders = [module for module in model.modules() if isinstance(getattr(module, "config", None), PreTrainedConfig)]
+    configs = asked + [module.config for module in holders if module.config.model_type in asked_types]
+    missed = [config for config in configs if compat.config_attn_implementation(config) != ATTN_IMPLEMENTATION]
+    if missed:
+        check_supported(missed[0], type(model).__name__)  # a refused family: say why
+        raise RuntimeError(
+            f"attn_implementation={requested!r} asked for sinkhorn, yet {type(model).__name__}'s "
+            f"{missed[0].model_type} config runs {compat.config_attn_implementation(missed[0])!r}: sinkhorn would "
+            "silently not run there."
+        )
+    for module in holders:
+        if getattr(module, "is_causal", False) is True and compat.config_attn_implementation(module.config) == (
+            ATTN_IMPLEMENTATION
+        ):
+            _refuse_causal(module, True)
+
+
 def _persist_attn_implementation(config: PreTrainedConfig, output: dict) -> None:
     """Write ``attn_implementation: "sinkhorn"`` into saved configs: transformers drops the key on save, and a
     fine-tuned Sinkformer would otherwise reload as SDPA without a word."""
@@ -188,6 +260,7 @@ def register() -> None:
     # Without a registered mask function transformers passes attention_mask=None: padding would get mass.
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
     compat.patch_attn_implementation_check(_check_sinkhorn_request)
+    compat.patch_attn_implementation_request(_check_requested_keys, _verify_sinkhorn_runs)
     # class-level defaults make from_pretrained(..., sinkhorn_iterations=5) land in the config
     compat.set_config_class_defaults(
         dict(zip(SETTING_ATTRIBUTES, dataclasses.astuple(SinkhornSettings()), strict=True))

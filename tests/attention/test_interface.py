@@ -85,10 +85,11 @@ def _tiny_config(name, **kwargs):
     )
 
 
-def test_switching_an_unsupported_family_never_claims_sinkhorn():
-    # transformers itself refuses (with a warning) to switch models that bypass the interface
+def test_switching_an_unsupported_family_is_refused_with_the_reason():
+    # transformers itself only warns and keeps SDPA for models that bypass the interface
     model = transformers.DebertaV2Model(_tiny_config("DebertaV2Config"))
-    model.set_attn_implementation("sinkhorn")
+    with pytest.raises(sinkhorn_hf.UnsupportedModelError, match="disentangled"):
+        model.set_attn_implementation("sinkhorn")
     assert config_attn_implementation(model.config) != "sinkhorn"
 
 
