@@ -102,28 +102,20 @@ def _post_ln_attention_mlp_view(layer: nn.Module, mask: Any, kwargs: dict) -> li
     return [Sublayer(attend, layer.post_attention_layernorm), Sublayer(mlp, layer.post_mlp_layernorm)]
 
 
-def _modernbert_view(layer: nn.Module, mask: Any, kwargs: dict) -> list[Sublayer]:
-    """Pre-LN (the first layer's attention norm is the identity); the attention's output dropout is inside it."""
+def _pre_norm_view(attention: str, attention_norm: str, mlp: str, mlp_norm: str) -> LayerView:
+    """The view of a pre-norm layer ``x -> x + attn(N1(x))``, ``x -> x + mlp(N2(x))`` whose submodules have the
+    given attribute names (any dropout is inside ``attn`` and ``mlp``)."""
 
-    def attend(x: Tensor) -> Tensor:
-        return layer.attn(layer.attn_norm(x), attention_mask=mask, **kwargs)[0]
+    def view(layer: nn.Module, mask: Any, kwargs: dict) -> list[Sublayer]:
+        def attend(x: Tensor) -> Tensor:
+            return getattr(layer, attention)(getattr(layer, attention_norm)(x), attention_mask=mask, **kwargs)[0]
 
-    def mlp(x: Tensor) -> Tensor:
-        return layer.mlp(layer.mlp_norm(x))
+        def feed_forward(x: Tensor) -> Tensor:
+            return getattr(layer, mlp)(getattr(layer, mlp_norm)(x))
 
-    return [Sublayer(attend), Sublayer(mlp)]
+        return [Sublayer(attend), Sublayer(feed_forward)]
 
-
-def _eurobert_view(layer: nn.Module, mask: Any, kwargs: dict) -> list[Sublayer]:
-    """Pre-norm with RMSNorm inside the branches (no dropout on the residual branches)."""
-
-    def attend(x: Tensor) -> Tensor:
-        return layer.self_attn(layer.input_layernorm(x), attention_mask=mask, **kwargs)[0]
-
-    def mlp(x: Tensor) -> Tensor:
-        return layer.mlp(layer.post_attention_layernorm(x))
-
-    return [Sublayer(attend), Sublayer(mlp)]
+    return view
 
 
 def _pre_ln_bert_view(layer: nn.Module, mask: Any, kwargs: dict) -> list[Sublayer]:
@@ -140,16 +132,6 @@ def _pre_ln_bert_view(layer: nn.Module, mask: Any, kwargs: dict) -> list[Sublaye
         return layer.output.dropout(out) if hasattr(layer.output, "dropout") else out
 
     return [Sublayer(attend), Sublayer(feed_forward)]
-
-
-def _siglip_view(layer: nn.Module, mask: Any, kwargs: dict) -> list[Sublayer]:
-    def attend(x: Tensor) -> Tensor:
-        return layer.self_attn(layer.layer_norm1(x), attention_mask=mask, **kwargs)[0]
-
-    def mlp(x: Tensor) -> Tensor:
-        return layer.mlp(layer.layer_norm2(x))
-
-    return [Sublayer(attend), Sublayer(mlp)]
 
 
 def _videomae_view(layer: nn.Module, mask: Any, kwargs: dict) -> list[Sublayer]:
@@ -206,15 +188,20 @@ ADJOINT_FAMILIES: dict[str, tuple[str | tuple[str, ...], LayerView]] = {
     "data2vec-text": ("Data2VecTextLayer", _bert_view),
     "gte": ("GteLayer", _post_ln_attention_mlp_view),
     "nomic_bert": ("NomicBertLayer", _post_ln_attention_mlp_view),
-    "modernbert": ("ModernBertEncoderLayer", _modernbert_view),
-    "eurobert": ("EuroBertDecoderLayer", _eurobert_view),  # a bidirectional encoder despite the class name
+    # ModernBERT's first layer has an identity attention norm
+    "modernbert": ("ModernBertEncoderLayer", _pre_norm_view("attn", "attn_norm", "mlp", "mlp_norm")),
+    # EuroBERT: RMSNorm; a bidirectional encoder despite the class name
+    "eurobert": (
+        "EuroBertDecoderLayer",
+        _pre_norm_view("self_attn", "input_layernorm", "mlp", "post_attention_layernorm"),
+    ),
     "esm": ("EsmLayer", _pre_ln_bert_view),
     "xlm-roberta-xl": ("XLMRobertaXLLayer", _pre_ln_bert_view),
     "vit_msn": ("ViTMSNLayer", _vit_view),
     "ijepa": ("IJepaLayer", _vit_view),
     "audio-spectrogram-transformer": ("ASTLayer", _vit_view),
     "dinov3_vit": ("DINOv3ViTLayer", _dinov2_view),
-    "siglip2_vision_model": ("Siglip2EncoderLayer", _siglip_view),
+    "siglip2_vision_model": ("Siglip2EncoderLayer", _pre_norm_view("self_attn", "layer_norm1", "mlp", "layer_norm2")),
     "videomae": ("VideoMAELayer", _videomae_view),
     "wav2vec2": (("Wav2Vec2EncoderLayer", "Wav2Vec2EncoderLayerStableLayerNorm"), _wav2vec2_view),
     "hubert": (("HubertEncoderLayer", "HubertEncoderLayerStableLayerNorm"), _wav2vec2_view),
