@@ -186,8 +186,9 @@ def _check_requested_keys(config: PreTrainedConfig | type, requested: object) ->
             f"{valid}{shared}."
         )
     for key, value in requested.items():
-        if key:
-            _check_requested_keys(getattr(config, key, None) or sub_configs[key], value)
+        if key:  # the sub-config itself when built, else its class (a config under construction)
+            sub_config = getattr(config, key, None)
+            _check_requested_keys(sub_config if isinstance(sub_config, PreTrainedConfig) else sub_configs[key], value)
 
 
 def _sinkhorn_configs(config: PreTrainedConfig, requested: object) -> list[PreTrainedConfig]:
