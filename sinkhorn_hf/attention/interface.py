@@ -1,6 +1,7 @@
 """``attn_implementation="sinkhorn"``: the transformers attention function, its mask function, and the
-guards that make the name safe to use (supported families only, encoders only, persisted on save, settings
-accepted by ``from_pretrained`` even next to an explicit ``config=``).
+guards that make the name safe to use (supported families only, encoders only, dict forms only under keys
+transformers reads, checked to run where asked after loading, persisted on save, settings accepted by
+``from_pretrained`` even next to an explicit ``config=``).
 
 Masks: Sinkhorn normalises columns too, so it must know which *queries* are real. transformers hands an attention
 function key masks only, so in self-attention a query counts as padding exactly when the key at its position is
@@ -205,13 +206,11 @@ def _sinkhorn_configs(config: PreTrainedConfig, requested: object) -> list[PreTr
 
 def _verify_sinkhorn_runs(model: PreTrainedModel, requested: object) -> None:
     """After loading (or switching), every part asked for sinkhorn must have it (its config, and every module
-    holding a config of the same model type: a tower may hold a copy), and none of its attention modules may be
-    causal (Whisper's decoder: refused here rather than at its first forward)."""
-    asked = _sinkhorn_configs(model.config, requested)
-    if not asked:
-        return
-    asked_types = {config.model_type for config in asked}
+    holding a config of the same model type: a tower may hold a copy), and no causal attention module may run it
+    (Whisper's decoder, also when a saved config brings sinkhorn: refused here rather than at its first forward)."""
     holders = [module for module in model.modules() if isinstance(getattr(module, "config", None), PreTrainedConfig)]
+    asked = _sinkhorn_configs(model.config, requested)
+    asked_types = {config.model_type for config in asked}
     configs = asked + [module.config for module in holders if module.config.model_type in asked_types]
     missed = [config for config in configs if compat.config_attn_implementation(config) != ATTN_IMPLEMENTATION]
     if missed:

@@ -91,6 +91,14 @@ def test_whisper_decoder_is_refused_as_causal_at_load(name):
         model_from_config(getattr(transformers, name), tiny_config("whisper"), attn_implementation="sinkhorn")
 
 
+def test_whisper_decoder_loaded_from_a_sinkhorn_encoder_checkpoint_is_refused(tmp_path):
+    model_from_config(
+        transformers.WhisperForAudioClassification, tiny_config("whisper"), attn_implementation="sinkhorn"
+    ).save_pretrained(tmp_path)
+    with pytest.raises(sinkhorn_hf.CausalSinkhornError, match="WhisperAttention is causal"):
+        transformers.WhisperModel.from_pretrained(tmp_path)
+
+
 def test_a_tower_holding_another_config_is_caught():
     model_class, config, _ = _composite("SiglipModel")
     model = model_from_config(model_class, config, attn_implementation="sdpa")
