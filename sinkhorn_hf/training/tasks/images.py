@@ -159,7 +159,8 @@ def to_channels(image: Any, num_channels: int) -> np.ndarray:
 
 
 class ImageCollator:
-    """Rows of raw images -> ``pixel_values`` (B, C, H, W) from the image processor, and ``labels`` (B,)."""
+    """Rows of raw images -> what the image processor makes of them (``pixel_values`` (B, C, H, W); SigLIP2's
+    variable-resolution processor adds ``pixel_attention_mask`` and ``spatial_shapes``), and ``labels`` (B,)."""
 
     def __init__(self, image_processor: Any, num_channels: int) -> None:
         self.image_processor = image_processor
@@ -168,15 +169,24 @@ class ImageCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         images = [to_channels(row["image"], self.num_channels) for row in rows]
         pixels = self.image_processor(images, return_tensors="pt", input_data_format="channels_last")
-        return {"pixel_values": pixels["pixel_values"], "labels": torch.tensor([row["labels"] for row in rows])}
+        return {**pixels, "labels": torch.tensor([row["labels"] for row in rows])}
 
 
 def default_image_processor(config: Any) -> Any:
-    """A processor for a model built from a config: resize to ``config.image_size``, scale to [-1, 1]."""
-    from transformers import ViTImageProcessorPil
+    """A processor for a model built from a config: resize to ``config.image_size`` (SigLIP2: at most
+    ``num_patches`` patches of the vision tower, aspect ratio kept), scale to [-1, 1]."""
+    from transformers import Siglip2ImageProcessorPil, ViTImageProcessorPil
 
-    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
-    channels = config.num_channels
+    vision = getattr(config, "vision_config", None) or config
+    channels = vision.num_channels
+    if vision.model_type == "siglip2_vision_model":
+        return Siglip2ImageProcessorPil(
+            patch_size=vision.patch_size,
+            max_num_patches=vision.num_patches,
+            image_mean=[0.5] * channels,
+            image_std=[0.5] * channels,
+        )
+    size = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
     return ViTImageProcessorPil(
         size={"height": size, "width": size}, image_mean=[0.5] * channels, image_std=[0.5] * channels
     )
@@ -206,7 +216,7 @@ def load_task_data(data_args: ImageDataArguments, model_args: ModelArguments, se
 
 
 def image_collator(processor: Any, config: Any) -> ImageCollator:
-    return ImageCollator(processor, getattr(config, "num_channels", 3))
+    return ImageCollator(processor, (getattr(config, "vision_config", None) or config).num_channels)
 
 
 IMAGES = Task(
