@@ -45,3 +45,11 @@ def test_run_glue_fine_tunes_a_model_built_from_its_config(model_type, tiny_bert
     model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path)
     assert config_attn_implementation(model.config) == "sinkhorn" and model.config.model_type == model_type
     assert model.config.num_hidden_layers == 2
+
+
+def test_config_overrides_rebuild_the_fields_derived_from_them():
+    from sinkhorn_hf.training.modeling import load_config
+
+    config = load_config(ModelArguments(model_type="modernbert", config_overrides="num_hidden_layers=4"), num_labels=3)
+    assert config.num_hidden_layers == 4 and len(config.layer_types) == 4 and config.num_labels == 3
+    config.validate()  # what save_pretrained checks
