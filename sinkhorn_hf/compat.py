@@ -228,10 +228,11 @@ def _patch_model_builder(
             for hook in hooks["before"]:
                 hook(kwargs)
             given = dict(kwargs)
-            model = original(cls, *args, **kwargs)
+            result = original(cls, *args, **kwargs)
+            model = result[0] if isinstance(result, tuple) else result  # (model, info) with output_loading_info
             for hook in hooks["after"]:
                 hook(model, given)
-            return model
+            return result
 
         setattr(wrapper, _PATCHED, hooks)
         setattr(PreTrainedModel, name, classmethod(wrapper))

@@ -99,6 +99,18 @@ def test_whisper_decoder_loaded_from_a_sinkhorn_encoder_checkpoint_is_refused(tm
         transformers.WhisperModel.from_pretrained(tmp_path)
 
 
+def test_loading_info_is_returned_and_the_model_checked(tmp_path):
+    model_from_config(transformers.WhisperModel, tiny_config("whisper"), attn_implementation="sdpa").save_pretrained(
+        tmp_path
+    )
+    model, info = transformers.WhisperForAudioClassification.from_pretrained(
+        tmp_path, attn_implementation="sinkhorn", output_loading_info=True
+    )
+    assert config_attn_implementation(model.config) == "sinkhorn" and "missing_keys" in info
+    with pytest.raises(sinkhorn_hf.CausalSinkhornError):
+        transformers.WhisperModel.from_pretrained(tmp_path, attn_implementation="sinkhorn", output_loading_info=True)
+
+
 def test_a_tower_holding_another_config_is_caught():
     model_class, config, _ = _composite("SiglipModel")
     model = model_from_config(model_class, config, attn_implementation="sdpa")
