@@ -194,8 +194,8 @@ class TrainerArguments:
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
-            "help": "start a new run in an --output_dir holding an earlier run's checkpoints: they and its "
-            "results.json are moved into previous_run-<time>/ there (nothing is deleted)"
+            "help": "start a new run in an --output_dir holding an earlier run's checkpoints: they, its results and "
+            "logs are moved into previous_run-<time>/ there (nothing is deleted)"
         },
     )
     eval_steps: int | None = field(

@@ -34,7 +34,9 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 _PARTIAL_PREFIX = ".partial-"
 _PARTIAL_DIR = re.compile(r"^\.partial-(old-)?step_\d+$")  # only folders of this name are ours to clean up
 PREVIOUS_RUN_PREFIX = "previous_run-"  # where --overwrite_output_dir moves an earlier run's checkpoints
-_EARLIER_RUN_FILES = ("results.json",)  # besides checkpoints/, what describes the earlier run and moves with it
+# Besides checkpoints/, what a run writes at the top of --output_dir other than its model (results, tracker logs,
+# attention marginals): it describes the earlier run and moves aside with its checkpoints.
+_EARLIER_RUN_FILES = ("results.json", "runs", "attention_marginals.json", "attention_marginals.png")
 
 
 class CheckpointError(ValueError):
@@ -263,14 +265,15 @@ def check_run_start(output_dir: str | Path, resume_from_checkpoint: str | None, 
     raise OutputDirHasCheckpointsError(
         f"--output_dir {output_dir} holds checkpoints of an earlier run ({', '.join(p.name for p in found)}) and "
         f"{instead} there would mix with them: continue that run with --resume_from_checkpoint latest, start anew "
-        f"with --overwrite_output_dir (its checkpoints and results.json are moved into "
+        f"with --overwrite_output_dir (its checkpoints, results and logs are moved into "
         f"{PREVIOUS_RUN_PREFIX}<time>/ inside it, nothing is deleted), or choose another --output_dir"
     )
 
 
 def move_earlier_run_aside(output_dir: str | Path) -> Path | None:
-    """Move ``checkpoints/`` and the earlier run's results.json into a new ``previous_run-<UTC time>`` folder
-    in ``output_dir``, so that a new run starts among no checkpoints and nothing is lost. Returns that folder
+    """Move ``checkpoints/`` and the earlier run's results.json, tracker logs (``runs/``) and attention marginals
+    into a new ``previous_run-<UTC time>`` folder in ``output_dir``, so that a new run starts among no checkpoints
+    and nothing is lost (its final model at the top is replaced by the new run's at the end). Returns that folder
     (None when there was nothing to move)."""
     output_dir = Path(output_dir)
     moving = [output_dir / name for name in (CHECKPOINTS_DIR, *_EARLIER_RUN_FILES) if (output_dir / name).exists()]

@@ -177,6 +177,7 @@ class Trainer:
         if args.early_stopping_patience is not None and self.metric_for_best_model is None:
             raise ValueError("early stopping needs --metric_for_best_model")
         self.state = TrainerState()
+        self._stop_signal: int | None = None  # the first SIGTERM/SIGINT received during train()
         self.model = model
         self.run_settings = dict(run_settings or {})
         # The adjoint's stacks are named by their path in the model enable_adjoint got: under LoRA, the base model.
@@ -254,7 +255,7 @@ class Trainer:
                 f"--resume_from_checkpoint latest: no complete checkpoint in {args.output_dir} yet; starting at step 0"
             )
         elif args.overwrite_output_dir and acc.is_main_process and (aside := move_earlier_run_aside(args.output_dir)):
-            acc.print(f"--overwrite_output_dir: moved the earlier run's checkpoints and results.json to {aside}")
+            acc.print(f"--overwrite_output_dir: moved the earlier run's checkpoints, results and logs to {aside}")
         self.state.run_id = self.state.run_id or uuid.uuid4().hex  # written by the main process alone
         acc.wait_for_everyone()
 
@@ -397,7 +398,7 @@ class Trainer:
     def _stop_on_signals(self) -> Iterator[None]:
         """Within the block, SIGTERM and SIGINT (unless ignored) only record that the run should stop; a second
         one restores the earlier handler and raises the signal again, ending the run as it would have."""
-        self._stop_signal: int | None = None
+        self._stop_signal = None
         previous = {}
 
         def record(signum: int, frame: Any) -> None:

@@ -65,11 +65,19 @@ def test_a_new_run_refuses_an_earlier_runs_checkpoints_and_overwrite_moves_them_
     capsys.readouterr()
     make_trainer(tiny_bert, sst2_files, tmp_path, learning_rate=1e-3, overwrite_output_dir=True, **SHORT).train()
     [aside] = tmp_path.glob("previous_run-*")
-    assert f"moved the earlier run's checkpoints and results.json to {aside}" in capsys.readouterr().out
+    assert f"moved the earlier run's checkpoints, results and logs to {aside}" in capsys.readouterr().out
     assert folder_bytes(aside / "checkpoints") == earlier  # no checkpoint of run A lost
+    assert sorted(p.name for p in aside.iterdir()) == ["checkpoints"]  # run A was killed: no results.json
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_2", "step_4"]  # run B's own, none pruned at once
     assert all(fingerprint(p)["learning_rate"] == 1e-3 for p in list_checkpoints(tmp_path))
     assert json.loads((tmp_path / "results.json").read_text())["train_steps"] == 4
+    # Over a finished run, its results move along (two starts within a second get distinct folders).
+    make_trainer(tiny_bert, sst2_files, tmp_path, overwrite_output_dir=True, **{**SHORT, "max_train_steps": 2}).train()
+    [finished] = set(tmp_path.glob("previous_run-*")) - {aside}
+    assert json.loads((finished / "results.json").read_text())["train_steps"] == 4
+    assert [p.name for p in list_checkpoints(finished)] == ["step_2", "step_4"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_2"]
+    assert json.loads((tmp_path / "results.json").read_text())["train_steps"] == 2
 
 
 def test_the_scripts_refuse_before_loading_data_or_model(tiny_bert, sst2_files, tmp_path):
