@@ -127,6 +127,13 @@ def make_accelerator(args: TrainerArguments) -> Accelerator:
     return accelerator
 
 
+def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """In a DataLoader worker: ignore SIGTERM and SIGINT, which a scheduler (Slurm) or a terminal sends to every
+    process of the job, so that the main process can finish its step and checkpoint; the workers end with it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _optimizer(model: nn.Module, args: TrainerArguments) -> torch.optim.Optimizer:
     # No weight decay on biases and normalisation weights (the usual BERT recipe).
     decay, no_decay = [], []
@@ -203,6 +210,7 @@ class Trainer:
             shuffle=True,
             collate_fn=self.data_collator,
             num_workers=args.dataloader_num_workers,
+            worker_init_fn=_leave_stop_signals_to_the_main_process,
             generator=torch.Generator().manual_seed(args.seed),
         )
         eval_loaders = {
@@ -211,6 +219,7 @@ class Trainer:
                 batch_size=args.per_device_eval_batch_size,
                 collate_fn=self.data_collator,
                 num_workers=args.dataloader_num_workers,
+                worker_init_fn=_leave_stop_signals_to_the_main_process,
                 generator=torch.Generator().manual_seed(args.seed),
             )
             for key, ds in self.eval_datasets.items()

@@ -272,6 +272,42 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_75(tiny_bert, s
     assert not (tmp_path / LOCK_FILE).exists() and not (tmp_path / "model.safetensors").exists()
 
 
+def children() -> list[int]:
+    """This process's child processes (its DataLoader workers)."""
+    return [int(pid) for task in Path("/proc/self/task").iterdir() for pid in (task / "children").read_text().split()]
+
+
+class SignalWorkersAt:
+    """A forward hook sending ``signum`` to this process's DataLoader workers during training forward ``call``, as
+    Slurm and terminals signal every process of a job (here before the main process, which then needs more data)."""
+
+    def __init__(self, call: int, signum: int) -> None:
+        self.call, self.signum = call, signum
+
+    def __call__(self, module, args, output):
+        if module.training:
+            self.call -= 1
+            if self.call == 0:
+                workers = children()
+                assert workers, "no DataLoader worker to signal"
+                for pid in workers:
+                    os.kill(pid, self.signum)
+        return output
+
+
+def test_dataloader_workers_leave_the_signal_to_the_main_process(tiny_bert, sst2_files, tmp_path):
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        trainer = make_trainer(tiny_bert, sst2_files, tmp_path, max_train_steps=10, dataloader_num_workers=1)
+        trainer.model.classifier.register_forward_hook(SignalWorkersAt(2, signal.SIGTERM))
+        trainer.model.classifier.register_forward_hook(SignalAt(8, signal.SIGTERM))
+        with pytest.raises(TrainingInterrupted):  # not "DataLoader worker ... exited unexpectedly"
+            trainer.train()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_8"]
+
+
 def test_a_second_sigint_stops_at_once(tiny_bert, sst2_files, tmp_path):
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, as in a terminal
     try:
