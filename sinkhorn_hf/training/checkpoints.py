@@ -177,6 +177,7 @@ def move_into_place(staging: Path, folder: Path) -> None:
         target = folder / entry.name
         if entry.is_dir() and target.is_dir():
             earlier = folder / f"{_PARTIAL_PREFIX}old-{entry.name}"
+            shutil.rmtree(earlier, ignore_errors=True)  # ours, left by a run killed between these renames
             os.replace(target, earlier)
             os.replace(entry, target)
             shutil.rmtree(earlier)
