@@ -326,8 +326,9 @@ def prune_checkpoints(output_dir: str | Path, keep: int | None, run_id: str) -> 
         shutil.rmtree(path)
 
 
-def is_disk_full(error: BaseException) -> bool:
-    """ENOSPC, as an OSError or inside another library's error (safetensors: "No space left on device")."""
+def is_disk_full(error: BaseException, where: str | Path) -> bool:
+    """ENOSPC, as an OSError or inside another library's error (safetensors: "No space left on device"); or any
+    error while the disk holding ``where`` has under 1 MiB free, as torch.save's do not say why ("unexpected pos")."""
     seen: BaseException | None = error
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
@@ -335,7 +336,7 @@ def is_disk_full(error: BaseException) -> bool:
         if "No space left on device" in str(seen) or "StorageFull" in str(seen):
             return True
         seen = seen.__cause__ or seen.__context__
-    return False
+    return _free_bytes(where) < 2**20
 
 
 def space_needed(output_dir: str | Path, keep: int | None) -> str:
@@ -354,8 +355,13 @@ def space_needed(output_dir: str | Path, keep: int | None) -> str:
 
 
 def free_space(path: str | Path) -> str:
-    """Free space on the disk holding ``path`` (or its nearest existing parent), e.g. ``"12.3 MiB free"``."""
+    """Free space on the disk holding ``path``, e.g. ``"12.3 MiB free"``."""
+    return f"{_free_bytes(path) / 2**20:.1f} MiB free"
+
+
+def _free_bytes(path: str | Path) -> int:
+    """Bytes free (for this user) on the disk holding ``path`` or its nearest existing parent."""
     path = Path(path)
     while not path.exists() and path != path.parent:
         path = path.parent
-    return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB free"
+    return shutil.disk_usage(path).free

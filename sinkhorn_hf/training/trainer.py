@@ -366,7 +366,7 @@ class Trainer:
                 state.write(partial_dir(final) / TRAINER_STATE_FILE)
                 finish_checkpoint(partial_dir(final), final)
         except Exception as error:
-            if not is_disk_full(error):
+            if not is_disk_full(error, final.parent):
                 raise
             if acc.is_main_process:
                 shutil.rmtree(partial_dir(final), ignore_errors=True)  # ours, half-written: give its space back
@@ -585,9 +585,10 @@ class Trainer:
                 self.processing_class.save_pretrained(staging)
             acc.wait_for_everyone()
         except Exception as error:
+            full = is_disk_full(error, output_dir)  # before the staging folder gives its space back
             if acc.is_main_process:
                 shutil.rmtree(staging, ignore_errors=True)
-            if not is_disk_full(error):
+            if not full:
                 raise
             last = checkpoint_dir(output_dir, self.state.completed_steps)
             raise OutOfSpaceError(

@@ -203,6 +203,29 @@ def test_a_full_disk_while_checkpointing_names_the_path_and_the_space_needed(
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_2"]  # its half-written one removed
 
 
+def test_a_full_disk_is_recognised_from_torch_saves_error_by_the_free_space(
+    tiny_bert, sst2_files, tmp_path, monkeypatch
+):
+    """torch.save (the optimizer state) says only "unexpected pos ..." when the disk fills up."""
+
+    def full_disk_save(*args, **kwargs):  # the disk is full from now on
+        usage = shutil.disk_usage(tmp_path)
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=4096))
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    with pytest.raises(OutOfSpaceError, match=r"step_2: no space left on device \(0.0 MiB free\); with --save_total"):
+        make_trainer(tiny_bert, sst2_files, tmp_path / "run", **SHORT).train()
+    monkeypatch.undo()
+
+    def failing_save(*args, **kwargs):
+        raise RuntimeError("not about space")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(RuntimeError, match="not about space"):  # with space left, the error is passed on as it is
+        make_trainer(tiny_bert, sst2_files, tmp_path / "other", **SHORT).train()
+
+
 def test_a_failed_final_save_replaces_nothing_and_a_resume_writes_it(tiny_bert, sst2_files, tmp_path, monkeypatch):
     """The reported case: the final save ran out of space and left config.json without weights, no results.json."""
     import transformers.modeling_utils
