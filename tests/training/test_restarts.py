@@ -80,6 +80,30 @@ def test_a_new_run_refuses_an_earlier_runs_checkpoints_and_overwrite_moves_them_
     assert json.loads((tmp_path / "results.json").read_text())["train_steps"] == 2
 
 
+@pytest.mark.slow
+def test_a_second_script_run_refuses_then_overwrite_starts_clean(tiny_bert, sst2_files, tmp_path):
+    """The reported sequence with the script in separate processes: run A, then B (another learning rate)."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+    def run_glue(*extra: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, str(REPO / "scripts" / "run_glue.py"), *glue_flags(tiny_bert, sst2_files, out)]
+        return subprocess.run([*command, "--max_train_steps", "4", *extra], env=env, capture_output=True, text=True)
+
+    assert run_glue().returncode == 0
+    earlier = folder_bytes(out / "checkpoints")
+    refused = run_glue("--learning_rate", "1e-3")
+    assert refused.returncode != 0
+    assert "holds checkpoints of an earlier run (step_3, step_4)" in refused.stderr
+    assert "Generating train split" not in refused.stderr  # refused before the data was read
+    assert folder_bytes(out / "checkpoints") == earlier and not (out / LOCK_FILE).exists()
+    started = run_glue("--learning_rate", "1e-3", "--overwrite_output_dir")
+    assert started.returncode == 0, started.stderr[-3000:]
+    [aside] = out.glob("previous_run-*")
+    assert folder_bytes(aside / "checkpoints") == earlier and (aside / "results.json").is_file()
+    assert [fingerprint(p)["learning_rate"] for p in list_checkpoints(out)] == [1e-3, 1e-3]
+
+
 def test_the_scripts_refuse_before_loading_data_or_model(tiny_bert, sst2_files, tmp_path):
     from sinkhorn_hf.training.arguments import ModelArguments, TrainerArguments
     from sinkhorn_hf.training.run import Task, run_task
