@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from test_checkpoint_safety import REPO, glue_flags, rewrite_manifest, wait_for
 from test_trainer import make_trainer
+from test_trainer_distributed import free_port
 
 from sinkhorn_hf.training.checkpoints import (
     MANIFEST_FILE,
@@ -459,3 +460,43 @@ def test_a_second_sigterm_ends_the_process_at_once(tiny_bert, sst2_files, tmp_pa
         process.kill()
     assert process.returncode == -signal.SIGTERM  # as without the handler: no checkpoint of step 3
     assert [p.name for p in list_checkpoints(tmp_path / "job")] == ["step_1", "step_2"]
+
+
+# One process of two is signalled at step 3 (as when a scheduler reaches the processes at different moments).
+ONE_RANK_SIGNALLED = """
+import os, signal
+from sinkhorn_hf.training import trainer
+from sinkhorn_hf.training.run import main
+from sinkhorn_hf.training.tasks.glue import GLUE
+
+check_loss = trainer.Trainer._check_loss
+
+def check_loss_then_signal(self, running_loss):
+    check_loss(self, running_loss)
+    if self.state.completed_steps == 3 and os.environ["LOCAL_RANK"] == "1":
+        signal.raise_signal(signal.SIGTERM)
+
+trainer.Trainer._check_loss = check_loss_then_signal
+main(GLUE)
+"""
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_of_two_processes_stops_both_after_the_same_step(tiny_bert, sst2_files, tmp_path):
+    child = tmp_path / "child.py"
+    child.write_text(ONE_RANK_SIGNALLED)
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), str(child),
+    ]  # fmt: skip
+    flags = glue_flags(tiny_bert, sst2_files, tmp_path / "job", "--checkpointing_steps", "5",
+                       "--per_device_train_batch_size", "4")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*launch, *flags], env=env, capture_output=True, text=True, timeout=600)
+    assert done.stdout.splitlines()[-1] == (
+        f"a signal to another process: stopped after step 3 of 7 and wrote {checkpoint_dir(tmp_path / 'job', 3)}; "
+        "continue with --resume_from_checkpoint latest (exit status 75)"
+    )
+    assert done.stderr.count("exitcode  : 75") == 2  # both processes (the launcher reports its own failure)
+    assert [p.name for p in list_checkpoints(tmp_path / "job")] == ["step_3"]
