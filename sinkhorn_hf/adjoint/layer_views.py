@@ -202,6 +202,8 @@ ADJOINT_FAMILIES: dict[str, tuple[str | tuple[str, ...], LayerView]] = {
     "audio-spectrogram-transformer": ("ASTLayer", _vit_view),
     "dinov3_vit": ("DINOv3ViTLayer", _dinov2_view),
     "siglip2_vision_model": ("Siglip2EncoderLayer", _pre_norm_view("self_attn", "layer_norm1", "mlp", "layer_norm2")),
+    # the composite (Siglip2ForImageClassification, Siglip2Model): its towers' stacks have the same layers
+    "siglip2": ("Siglip2EncoderLayer", _pre_norm_view("self_attn", "layer_norm1", "mlp", "layer_norm2")),
     "videomae": ("VideoMAELayer", _videomae_view),
     "wav2vec2": (("Wav2Vec2EncoderLayer", "Wav2Vec2EncoderLayerStableLayerNorm"), _wav2vec2_view),
     "hubert": (("HubertEncoderLayer", "HubertEncoderLayerStableLayerNorm"), _wav2vec2_view),

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from adjoint_helpers import loss_and_grads, rel_error, unit_scale_stream
 from test_adjoint_layer_views import _assert_same_grads
 from tiny_models import NEW_FAMILIES, make_tiny
 
 import sinkhorn_hf
-from sinkhorn_hf.adjoint import ADJOINT_FAMILIES, enable_adjoint
+from sinkhorn_hf.adjoint import ADJOINT_FAMILIES, adjoint_stacks, enable_adjoint
 from sinkhorn_hf.adjoint.layer_views import ADJOINT_REFUSED
+from sinkhorn_hf.compat import model_from_config
 
 VIEWED = [family for family in NEW_FAMILIES if family in ADJOINT_FAMILIES]
 
@@ -60,6 +62,23 @@ def test_euler_or_auto_under_sinkhorn_matches_backprop(family):
     adjoint_loss, grads = loss_and_grads(model, inputs)
     assert adjoint_loss == pytest.approx(loss, rel=1e-6)
     assert rel_error(grads, exact) < 1e-2
+
+
+def test_siglip2_image_classifier_stack_is_exact():
+    tower = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2)
+    config = transformers.Siglip2Config(
+        text_config=dict(tower, vocab_size=99, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        vision_config=dict(tower, patch_size=8, num_patches=16, attention_dropout=0.2),
+    )
+    torch.manual_seed(0)
+    model = model_from_config(transformers.Siglip2ForImageClassification, config).train()
+    tiny = make_tiny("siglip2_vision_model")  # its padded patch batch
+    loss, exact = loss_and_grads(model, tiny.inputs)
+    enable_adjoint(model, "checkpoint")
+    assert [stack.stack.name for stack in adjoint_stacks(model)] == ["vision_model.encoder.layers"]
+    adjoint_loss, grads = loss_and_grads(model, tiny.inputs)
+    assert adjoint_loss == pytest.approx(loss, rel=1e-6)
+    _assert_same_grads(grads, exact)
 
 
 @pytest.mark.parametrize("stable", [False, True])
