@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from tiny_models import FAMILIES, NEW_FAMILIES, PADDED, PEAKED, alone, last_hidden_state, make_tiny
+from tiny_models import CLASSIC_FAMILIES, FAMILIES, NEW_FAMILIES, PADDED, PEAKED, alone, last_hidden_state, make_tiny
 from transformers import AttentionInterface
 
 import sinkhorn_hf
@@ -33,6 +33,9 @@ def calls():
 
 
 def _layers(config) -> int:
+    """Attention layers of a tiny model (Swin: one block per stage)."""
+    if hasattr(config, "depths"):
+        return sum(config.depths)
     return getattr(config, "num_hidden_layers", None) or config.encoder_layers
 
 
@@ -44,6 +47,27 @@ def _expected_support(model, module, valid: torch.Tensor, n: int) -> torch.Tenso
         position = torch.arange(n)
         support = support & ((position[:, None] - position[None, :]).abs() <= model.config.sliding_window)
     return support
+
+
+def _assert_the_rule(tiny, calls) -> None:
+    """Every layer called the interface, bidirectionally, with the padding mask (and band) as its support."""
+    assert len(calls) == _layers(tiny.model.config), "one call of the attention function per layer"
+    for module, n, mask, is_causal in calls:
+        assert not is_causal and not getattr(module, "is_causal", False)
+        expected = _expected_support(tiny.model, module, tiny.valid, n)
+        allowed = support_from_mask(mask, n, n, torch.device("cpu")).allowed[:, 0]
+        allowed, expected = torch.broadcast_tensors(allowed, expected)
+        rows = expected.any(-1)  # valid queries: padded query rows may attend anywhere
+        assert torch.equal(allowed[rows], expected[rows]), f"{type(module).__name__}: the support is not the mask's"
+
+
+@pytest.mark.parametrize("family", CLASSIC_FAMILIES)
+@torch.no_grad()
+def test_the_rule_holds_for_the_first_generation(family, calls):
+    # their K=1 / marginals / padding checks are in test_attention_families.py
+    tiny = make_tiny(family, "sinkhorn")
+    last_hidden_state(tiny)
+    _assert_the_rule(tiny, calls)
 
 
 def _switch(tiny, iterations: int):
@@ -59,14 +83,7 @@ def test_family_is_served_exactly(family, calls):
     softmax = last_hidden_state(tiny)
     one = last_hidden_state(_switch(tiny, 1))
 
-    # the rule: every layer calls the interface, bidirectionally, with the padding mask (and band) as its support
-    assert len(calls) == _layers(tiny.model.config), "one call of the attention function per layer"
-    for module, n, mask, is_causal in calls:
-        assert not is_causal and not getattr(module, "is_causal", False)
-        expected = _expected_support(tiny.model, module, tiny.valid, n)
-        allowed = support_from_mask(mask, n, n, torch.device("cpu")).allowed[:, 0].expand_as(expected)
-        rows = expected.any(-1)  # valid queries: padded query rows may attend anywhere
-        assert torch.equal(allowed[rows], expected[rows]), f"{type(module).__name__}: the support is not the mask's"
+    _assert_the_rule(tiny, calls)
 
     valid = tiny.valid if tiny.valid is not None else torch.ones(softmax.shape[:2], dtype=torch.bool)
     torch.testing.assert_close(one[valid], softmax[valid], rtol=1e-5, atol=1e-5)
