@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ..adjoint import adjoint_stacks, auto_choices, check_adjoint_under_fsdp, describe_adjoint, restore_auto_choices
+from ..user_errors import UsageError, UserError
 from .arguments import TrainerArguments
 from .checkpoints import (
     TRAINER_STATE_FILE,
@@ -63,8 +64,8 @@ RESUME_SETTINGS = (
 )  # fmt: skip
 
 
-class NonFiniteLossError(RuntimeError):
-    """The training loss became inf or NaN."""
+class NonFiniteLossError(UserError, RuntimeError):
+    """The training loss became inf or NaN (a failed run the user can fix: one line, exit status 1)."""
 
 
 def make_accelerator(args: TrainerArguments) -> Accelerator:
@@ -87,14 +88,14 @@ def make_accelerator(args: TrainerArguments) -> Accelerator:
     )
     if accelerator.num_processes == 1 and "MASTER_ADDR" in os.environ and "LOCAL_RANK" not in os.environ:
         # `accelerate launch --cpu --num_processes N` (N > 1) starts one process and expects mpirun to start the rest.
-        raise RuntimeError(
+        raise UsageError(
             "this process was launched for distributed training but runs alone: `accelerate launch --cpu "
             "--num_processes N` needs MPI (--mpirun_hostfile). For N CPU processes use `accelerate launch "
             "--multi_gpu --num_processes N` (no GPU needed) or `torchrun --nproc_per_node N`."
         )
     if parse_flag_from_env("ACCELERATE_USE_FSDP") and accelerator.distributed_type != DistributedType.FSDP:
         # accelerate turns FSDP on for accelerator devices only, and otherwise ignores the request.
-        raise RuntimeError(
+        raise UsageError(
             "FSDP was asked for (`accelerate launch --use_fsdp`), but accelerate runs FSDP on GPUs (and other "
             f"accelerators) only: here it would train as {accelerator.distributed_type.value}, with every parameter "
             "whole on every process. On CPUs use `accelerate launch --multi_gpu --num_processes N` (DDP)."
