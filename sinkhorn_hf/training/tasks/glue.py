@@ -143,7 +143,8 @@ def _tsv_without_header(path: str, task: GlueTask) -> bool:
 
 def load_glue_file(path: str, task: GlueTask) -> datasets.Dataset:
     """One local split with the Hub's column names and integer (or float, STS-B) labels in ``labels``."""
-    dataset = load_table(path, task.headerless if _tsv_without_header(path, task) else None)
+    headerless = _tsv_without_header(path, task)
+    dataset = load_table(path, task.headerless if headerless else None)
     renames = {
         old: new
         for old, new in task.tsv_columns.items()
@@ -158,7 +159,7 @@ def load_glue_file(path: str, task: GlueTask) -> datasets.Dataset:
     )
     check_columns(dataset, needed, f"{path}", hint)
     dataset = dataset.select_columns(needed)
-    return encode_labels(dataset, task.label_names, path)
+    return encode_labels(dataset, task.label_names, path, header=not headerless)
 
 
 def load_glue(data_args: GlueDataArguments) -> dict[str, datasets.Dataset]:
