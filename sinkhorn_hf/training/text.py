@@ -58,9 +58,14 @@ def encode_labels(
     return dataset.remove_columns(column).add_column("labels", converted, feature=feature)
 
 
+def cuts(dataset: datasets.Dataset, n: int | None) -> bool:
+    """Whether :func:`subsample` with ``n`` keeps only part of ``dataset``."""
+    return n is not None and n < len(dataset)
+
+
 def subsample(dataset: datasets.Dataset, n: int | None, seed: int) -> datasets.Dataset:
     """A seeded random subset of ``n`` rows (random, not the first n: some files are sorted by label)."""
-    if n is None or n >= len(dataset):
+    if not cuts(dataset, n):
         return dataset
     return dataset.shuffle(seed=seed).select(range(n)).flatten_indices()
 

@@ -384,14 +384,7 @@ class Trainer:
                 if self.marginals and (record := self.marginals.maybe_track(state.completed_steps)):
                     acc.log(flat_metrics(record), step=state.completed_steps)
                 if state.completed_steps % args.logging_steps == 0:
-                    mean_loss = acc.gather(running_loss).mean().item() / running_batches
-                    acc.log(
-                        {"train/loss": mean_loss, "train/learning_rate": self.scheduler.get_last_lr()[0]},
-                        step=state.completed_steps,
-                    )
-                    state.train_loss = mean_loss
-                    progress.set_postfix(loss=f"{mean_loss:.4f}")
-                    running_loss.zero_()
+                    self._log_loss(running_loss, running_batches, progress)
                     running_batches = 0
                 if every_eval and state.completed_steps % every_eval == 0:
                     self._evaluate_and_track()
@@ -406,6 +399,8 @@ class Trainer:
                     self._evaluate_and_track()
                 if args.checkpointing_steps == "epoch":
                     self._save_checkpoint()
+        if running_batches:  # the steps after the last logging window: train_loss is never left unset
+            self._log_loss(running_loss, running_batches, progress)
         progress.close()
         if state.last_eval_step != state.completed_steps:
             self._evaluate_and_track()
@@ -415,6 +410,18 @@ class Trainer:
         results = self._finish()
         acc.end_training()
         return results
+
+    def _log_loss(self, running_loss: torch.Tensor, running_batches: int, progress: Any) -> None:
+        """Log the mean loss over the ``running_batches`` batches summed in ``running_loss`` (all processes), keep it
+        as ``train_loss`` and reset the sum."""
+        mean_loss = self.accelerator.gather(running_loss).mean().item() / running_batches
+        self.accelerator.log(
+            {"train/loss": mean_loss, "train/learning_rate": self.scheduler.get_last_lr()[0]},
+            step=self.state.completed_steps,
+        )
+        self.state.train_loss = mean_loss
+        progress.set_postfix(loss=f"{mean_loss:.4f}")
+        running_loss.zero_()
 
     def _marginal_tracker(self) -> MarginalTracker | None:
         """``--track_attention_marginals``: a tracker on the first evaluation batch, on the main process only; it

@@ -165,6 +165,22 @@ def test_warmup_schedule_and_tensorboard_logs(tiny_bert, sst2_files, tmp_path):
     assert written["train_loss"] == result.train_loss == pytest.approx(losses[-1].value, rel=1e-6)
 
 
+def test_train_loss_is_recorded_when_the_run_is_shorter_than_a_logging_window(tiny_bert, sst2_files, tmp_path):
+    """A run of 5 steps under the default --logging_steps (50) still records train_loss: the mean of its 5 step
+    losses, as a run logging every step (same seed, same batches) sees them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    every_step = make_trainer(tiny_bert, sst2_files, tmp_path / "every", max_train_steps=5, with_tracking=True)
+    every_step.train()
+    logs = EventAccumulator(str(tmp_path / "every" / "runs" / "sinkhorn_hf"))
+    logs.Reload()
+    step_losses = [e.value for e in logs.Scalars("train/loss")]
+    assert len(step_losses) == 5
+    default = make_trainer(tiny_bert, sst2_files, tmp_path / "default", max_train_steps=5, logging_steps=50)
+    result = default.train()
+    assert result.train_loss == pytest.approx(sum(step_losses) / 5, rel=1e-5)
+
+
 def test_early_stopping_stops_after_patience(tiny_bert, sst2_files, tmp_path):
     # With a zero learning rate the metric never improves: best at the first eval, then `patience` more.
     result = make_trainer(tiny_bert, sst2_files, tmp_path, learning_rate=0.0, eval_steps=2,

@@ -18,7 +18,7 @@ from ..arguments import ModelArguments, require_at_least_one
 from ..files import load_hub_dataset
 from ..metrics import EvalOutput, classification_metrics
 from ..run import Task, TaskData
-from ..text import subsample
+from ..text import cuts, subsample
 
 _NPZ_SPLITS = {"train": ("x_train", "y_train"), "test": ("x_test", "y_test"), "all": ("x", "y")}
 
@@ -202,6 +202,7 @@ def load_task_data(data_args: ImageDataArguments, model_args: ModelArguments, se
         compute_metrics=compute_image_metrics,
         main_metric="accuracy",
         processor=AutoImageProcessor.from_pretrained(processor_name) if processor_name else None,
+        info={"eval_subset": cuts(validation, data_args.max_eval_samples)},
     )
 
 
