@@ -175,6 +175,14 @@ def check_sources(model_args: ModelArguments, data_args: Any, trainer_args: Trai
             raise UsageError(f"--model_name_or_path {name}: not a local folder, and not loadable: {error}") from error
 
 
+def _quiet_library_bars() -> None:
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
 # Mistakes the training code reports with its own exception types, shown as one line (exit status 1).
 RUN_ERRORS = (CheckpointError, OutputDirInUseError, UnsupportedModelError, InexactAdjointError)
 
@@ -185,6 +193,8 @@ def main(task: Task, argv: Sequence[str] | None = None) -> RunResults:
     is a usage error (a one-line usage hint, the message, exit status 2); a user mistake found later is one line,
     exit status 1 (:data:`RUN_ERRORS` and every :class:`~sinkhorn_hf.user_errors.UserError`)."""
     argv, debug = debug_requested(sys.argv[1:] if argv is None else argv)
+    if not sys.stderr.isatty():  # a log file: no carriage-return bars from the libraries either
+        _quiet_library_bars()
     parser = task_parser(task)
     try:
         arguments = parser.parse_args_into_dataclasses(argv)

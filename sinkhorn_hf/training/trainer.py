@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -80,7 +81,7 @@ def make_accelerator(args: TrainerArguments) -> Accelerator:
         cpu=launched and not has_accelerator,
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with=[t.strip() for t in args.report_to.split(",")] if args.with_tracking else None,
+        log_with=args.trackers,
         project_config=ProjectConfiguration(
             project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / "runs")
         ),
@@ -257,7 +258,7 @@ class Trainer:
         metrics: dict[str, float] = {}
         for suffix, loader in self.eval_loaders.items():
             logits, labels, ids = [], [], []
-            for batch in tqdm(loader, desc=f"eval{suffix}", leave=False, disable=not acc.is_local_main_process):
+            for batch in tqdm(loader, desc=f"eval{suffix}", leave=False, disable=not self._show_bars()):
                 example_ids = batch.pop(EXAMPLE_ID, None)
                 with torch.no_grad():
                     out = self.model(**batch)
@@ -348,7 +349,7 @@ class Trainer:
             acc.init_trackers("sinkhorn_hf", config=hparams)
         every_ckpt, every_eval = args.checkpoint_every, args.eval_steps
         progress = tqdm(
-            total=self.max_steps, initial=state.completed_steps, desc="train", disable=not acc.is_local_main_process
+            total=self.max_steps, initial=state.completed_steps, desc="train", disable=not self._show_bars()
         )
         running_loss, running_batches = torch.zeros((), device=acc.device), 0
         first_step = state.completed_steps + 1  # of this process: the adjoint's choice is printed after it
@@ -411,6 +412,11 @@ class Trainer:
         acc.end_training()
         return results
 
+    def _show_bars(self) -> bool:
+        """Progress bars on the main process when stderr is a terminal. In a log file (CI, ``| tee``) a bar's
+        carriage returns would run into the evaluation lines: there each logging window prints a line instead."""
+        return self.accelerator.is_local_main_process and sys.stderr.isatty()
+
     def _log_loss(self, running_loss: torch.Tensor, running_batches: int, progress: Any) -> None:
         """Log the mean loss over the ``running_batches`` batches summed in ``running_loss`` (all processes), keep it
         as ``train_loss`` and reset the sum."""
@@ -421,6 +427,11 @@ class Trainer:
         )
         self.state.train_loss = mean_loss
         progress.set_postfix(loss=f"{mean_loss:.4f}")
+        if self.accelerator.is_local_main_process and not self._show_bars():  # a log file: a line per window
+            lr = self.scheduler.get_last_lr()[0]
+            tqdm.write(
+                f"step {self.state.completed_steps}/{self.max_steps}: loss={mean_loss:.4g}, learning_rate={lr:.3g}"
+            )
         running_loss.zero_()
 
     def _marginal_tracker(self) -> MarginalTracker | None:
