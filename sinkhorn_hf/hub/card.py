@@ -319,6 +319,7 @@ class EvaluationClaim:
     hub_id: str | None
     config: str | None
     kind: str
+    partial: bool = False  # local files of which a seeded subset was evaluated
 
     @property
     def dataset_type(self) -> str:
@@ -330,7 +331,7 @@ class EvaluationClaim:
         if self.kind == "canonical":
             return self.name
         examples = f": {count} examples" if count is not None else ""
-        if self.kind == "subset":
+        if self.kind == "subset" or self.partial:
             return f"a subset of {self.name} {split or ''}".rstrip() + examples
         return f"{self.name}{examples}"
 
@@ -355,7 +356,7 @@ def evaluation_claim(results: RunResults) -> EvaluationClaim:
         else:
             name = task or "unknown"
     if local:
-        return EvaluationClaim(f"{name} (local files)", None, None, "local")
+        return EvaluationClaim(f"{name} (local files)", None, None, "local", partial=results.eval_subset is True)
     splits = [results.eval_split] if isinstance(results.eval_split, str) else results.eval_split or []
     plain = bool(splits) and all(re.fullmatch(r"[A-Za-z0-9_.-]+", split) for split in splits)
     whole = hub_id is not None and plain and results.eval_subset is False

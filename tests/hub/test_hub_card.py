@@ -209,6 +209,11 @@ def test_local_files_claim_no_canonical_split_and_name_the_files(run_dir):
     assert card.data.eval_results[0].dataset_name == "GLUE SST-2 (local files): 872 examples"
     assert "read from `/data/glue/SST-2/train.tsv, /data/glue/SST-2/dev.tsv`" in card.text
     assert "On the local evaluation file(s) named above" in card.text
+    write_results(run_dir, trainer_results(eval_subset=True, num_eval_samples={"num_samples": 32}))
+    card = build_card(run_dir)  # 32 of the local dev file's rows (--max_eval_samples 32)
+    assert _claims(card) == {("local-evaluation", None, None)}
+    assert card.data.eval_results[0].dataset_name == "a subset of GLUE SST-2 (local files) validation: 32 examples"
+    assert "On **a subset** of the local evaluation file(s)" in card.text
 
 
 def test_an_architecture_that_is_not_a_class_name_is_refused(run_dir):
