@@ -225,6 +225,11 @@ def test_an_architecture_that_is_not_a_class_name_is_refused(run_dir):
     with pytest.raises(CardError, match="architecture .* is not a class name"):
         write_card(run_dir)
     assert not (run_dir / "README.md").exists()
+    # the other config value the snippet shows: a residual scale must be a number
+    del config["architectures"]
+    (run_dir / "config.json").write_text(json.dumps({**config, "adjoint_residual_scale": "0.5)\n```\n<b>x</b>"}))
+    with pytest.raises(CardError, match="adjoint_residual_scale must be a number"):
+        write_card(run_dir)
 
 
 @pytest.mark.parametrize(
