@@ -30,7 +30,7 @@ class UserError(Exception):
     exit_status = FAILED_STATUS
 
 
-class UsageError(UserError):
+class UsageError(UserError, ValueError):
     """A wrong command line (a missing path, a bad value), found before any heavy work: exit status 2."""
 
     exit_status = USAGE_STATUS

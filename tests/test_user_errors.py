@@ -152,6 +152,10 @@ def test_run_glue_missing_train_file_and_missing_model_folder(tmp_path, minilm_p
     done = run(*glue_command(tmp_path))  # --model_name_or_path: a folder that is not there
     assert_one_line(done, 2, "--model_name_or_path", "model: this folder does not exist")
     assert not (tmp_path / "out").exists()  # refused before anything was written: no lock, no folder
+    dev = tmp_path / "dev.tsv"
+    dev.write_text("sentence\tlabel\ngood\t1\nbad\tpositive?\n")
+    done = run(*glue_command(tmp_path, "--model_name_or_path", str(minilm_path), "--validation_file", str(dev)))
+    assert_one_line(done, 1, "run_glue.py: error:", "dev.tsv, line 3: label 'positive?' is not one of")
 
 
 @pytest.mark.slow
