@@ -145,7 +145,10 @@ def task_parser(task: Task) -> Any:
     class ScriptParser(ShortUsageMixin, HfArgumentParser):
         pass
 
-    return ScriptParser((ModelArguments, task.data_arguments, TrainerArguments))
+    return ScriptParser(
+        (ModelArguments, task.data_arguments, TrainerArguments),
+        epilog="A mistake is reported in one line; add --debug (or set SINKHORN_HF_DEBUG=1) for the full traceback.",
+    )
 
 
 def check_sources(model_args: ModelArguments, data_args: Any, trainer_args: TrainerArguments) -> None:
