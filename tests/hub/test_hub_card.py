@@ -283,8 +283,9 @@ def test_cli_writes_card_and_reports_errors(run_dir, tmp_path, capsys):
     assert ModelCard.load(run_dir / "README.md").data.license == "apache-2.0"
     with pytest.raises(SystemExit, match="sinkhorn-hf card: error: results file .* does not exist"):
         main(["card", str(run_dir), "--results", str(tmp_path / "missing.json")])
-    with pytest.raises(SystemExit, match="run directory .* does not exist"):
+    with pytest.raises(SystemExit, match="RUN_DIR .*nowhere: this folder does not exist") as stop:
         main(["card", str(tmp_path / "nowhere")])
+    assert stop.value.code == 2
 
 
 INJECTED = "# Heading\n<script>alert(1)</script> | cell ```\n```\n# Heading"
