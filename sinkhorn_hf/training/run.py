@@ -26,7 +26,7 @@ from ..user_errors import (
     one_line_errors,
 )
 from .arguments import ModelArguments, TrainerArguments
-from .checkpoints import CheckpointError
+from .checkpoints import CheckpointError, OutOfSpaceError, check_run_start
 from .metrics import MetricFn
 from .output_lock import OutputDirInUseError
 from .results import RunResults, run_info
@@ -93,6 +93,8 @@ def run_task(task: Task, model_args: ModelArguments, data_args: Any, trainer_arg
     from .modeling import build_model, load_config
     from .trainer import Trainer, make_accelerator
 
+    # Refuse a run that would mix with another's checkpoints before spending minutes on data and model.
+    check_run_start(trainer_args.output_dir, trainer_args.resume_from_checkpoint, trainer_args.overwrite_output_dir)
     accelerator = make_accelerator(trainer_args)
     with accelerator.main_process_first():
         data = task.load(data_args, model_args, trainer_args.seed)
@@ -187,7 +189,7 @@ def _quiet_library_bars() -> None:
 
 
 # Mistakes the training code reports with its own exception types, shown as one line (exit status 1).
-RUN_ERRORS = (CheckpointError, OutputDirInUseError, UnsupportedModelError, InexactAdjointError)
+RUN_ERRORS = (CheckpointError, OutOfSpaceError, OutputDirInUseError, UnsupportedModelError, InexactAdjointError)
 
 
 def main(task: Task, argv: Sequence[str] | None = None) -> RunResults:
