@@ -8,6 +8,7 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedConfig
 
 from ..attention import register
+from ..user_errors import UsageError
 from .arguments import ModelArguments
 from .lora import apply_lora
 
@@ -30,7 +31,7 @@ def load_config(model_args: ModelArguments, **config_kwargs: Any) -> PreTrainedC
             if not hasattr(config, item.split("=", 1)[0].strip())
         ]
         if unknown:
-            raise ValueError(
+            raise UsageError(
                 f"--config_overrides names attributes {unknown} that a {config.model_type} config does not have"
             )
         config.update_from_string(model_args.config_overrides)

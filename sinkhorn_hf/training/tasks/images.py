@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from ..arguments import ModelArguments, require_at_least_one
-from ..files import load_hub_dataset
+from ..files import DataError, load_hub_dataset
 from ..metrics import EvalOutput, classification_metrics
 from ..run import Task, TaskData
-from ..text import subsample
+from ..text import cuts, subsample
 
 _NPZ_SPLITS = {"train": ("x_train", "y_train"), "test": ("x_test", "y_test"), "all": ("x", "y")}
 
@@ -68,12 +68,12 @@ def _npz_split(path: str, wanted: tuple[str, ...], required: bool) -> datasets.D
         if not found:
             if required:
                 keys = " or ".join("/".join(_NPZ_SPLITS[s]) for s in wanted)
-                raise ValueError(f"{path}: no {keys} arrays; it has {list(arrays)}")
+                raise DataError(f"{path}: no {keys} arrays; it has {list(arrays)}")
             return None
         x_key, y_key = found[0]
         x, y = arrays[x_key], arrays[y_key]
     if x.dtype != np.uint8 or x.ndim not in (3, 4) or len(x) != len(y):
-        raise ValueError(
+        raise DataError(
             f"{path}: {x_key} must be uint8 images (N, H, W) or (N, H, W, C) with one label each in {y_key}; "
             f"got {x.dtype} {x.shape} and {y.shape}"
         )
@@ -99,7 +99,7 @@ def _from_folders(args: ImageDataArguments) -> Splits:
     validation = datasets.load_dataset("imagefolder", data_dir=args.validation_dir, split="train")
     names = train.features["label"].names, validation.features["label"].names
     if names[0] != names[1]:
-        raise ValueError(f"class folders differ: {args.train_dir} has {names[0]}, {args.validation_dir} has {names[1]}")
+        raise DataError(f"class folders differ: {args.train_dir} has {names[0]}, {args.validation_dir} has {names[1]}")
     return train, validation, args.validation_dir
 
 
@@ -126,7 +126,7 @@ def load_images(args: ImageDataArguments, seed: int) -> tuple[datasets.Dataset, 
     for split in (train, validation):
         missing = [c for c in columns if c not in split.column_names]
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"image data lacks column(s) {missing} (it has {split.column_names}); "
                 "set --image_column_name/--label_column_name"
             )
@@ -212,6 +212,7 @@ def load_task_data(data_args: ImageDataArguments, model_args: ModelArguments, se
         compute_metrics=compute_image_metrics,
         main_metric="accuracy",
         processor=AutoImageProcessor.from_pretrained(processor_name) if processor_name else None,
+        info={"eval_subset": cuts(validation, data_args.max_eval_samples)},
     )
 
 
