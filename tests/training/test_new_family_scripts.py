@@ -53,3 +53,12 @@ def test_config_overrides_rebuild_the_fields_derived_from_them():
     config = load_config(ModelArguments(model_type="modernbert", config_overrides="num_hidden_layers=4"), num_labels=3)
     assert config.num_hidden_layers == 4 and len(config.layer_types) == 4 and config.num_labels == 3
     config.validate()  # what save_pretrained checks
+
+
+def test_config_overrides_keep_a_config_file(tmp_path):
+    from sinkhorn_hf.training.modeling import load_config
+
+    transformers.ModernBertConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=3).save_pretrained(tmp_path)
+    args = ModelArguments(model_type="modernbert", config_name=str(tmp_path), config_overrides="intermediate_size=48")
+    config = load_config(args)
+    assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size) == (32, 3, 48)
