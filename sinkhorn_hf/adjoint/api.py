@@ -58,14 +58,14 @@ def enable_adjoint(
     first training batch (and every ``probe_every`` batches), stores an exact anchor at each layer whose rebuilt
     input would be off by more than ``tolerance`` (relative), rebuilds the rest, and logs the choice; ``"off"`` runs
     plain backprop.
-    A scheme that rebuilds inputs checks itself (see :mod:`.guard`): at the first backward and every
-    ``probe_every`` passes, euler/heun/momentum compare each rebuilt layer input with the exact one and raise
+    A scheme that rebuilds inputs checks itself (see :mod:`.guard`): at the first backward and every ``probe_every``
+    passes, euler/heun/momentum compare each rebuilt layer input with the exact one and raise
     :class:`~.guard.InexactAdjointError` naming the layers whose error exceeds ``tolerance`` (with
     ``allow_inexact=True``: one warning, and training goes on with those gradients); a non-finite rebuilt input
     raises in any backward, under every rebuilding scheme (auto included). The comparison and auto's probe run on
-    ``reference_rows`` sequences of the batch (evenly spaced; None: all of them), so that they cost no peak memory
-    beyond the adjoint's own; non-finite values are caught in every sequence (what a slice can miss: see
-    :mod:`.guard`).
+    ``reference_rows`` sequences of the batch (the one with the smallest token, then evenly spaced; None: all), so
+    that they cost no peak memory beyond the adjoint's own; non-finite values are caught in every sequence (what a
+    slice can miss: see :mod:`.guard`).
     ``residual_scale`` multiplies every residual branch (``"1/L"``: one over the stack depth, for ODE-like
     models); it is stored as ``config.adjoint_residual_scale`` (None: read it from there, default 1), survives
     ``save_pretrained``, and a model built from such a config (``from_pretrained``, ``from_config``) runs with it.

@@ -232,7 +232,7 @@ class AdjointStack:
         self.passes += 1
         if self.scheme == AUTO and probe_due(self.choice is not None, self.passes, self.probe_every):
             # The probe keeps every layer's state: on a slice of the batch, so that it costs no peak memory.
-            rows = check_rows(hidden_states.shape[0], self.reference_rows)
+            rows = check_rows(hidden_states, self.reference_rows)
             mask, sliced_kwargs = _rows_of_call(attention_mask, kwargs, rows, hidden_states.shape[0])
             self.choice = choose_anchors(
                 self.stack.name,

@@ -4,7 +4,8 @@ Every backward through a stack that rebuilds inputs (euler, heun, momentum, auto
 inf/NaN on the device, over the whole batch, and reads the flags back once, at the bottom of the stack: one host
 sync per backward of the stack. On *checked* passes (the first that builds a graph, then every ``probe_every``;
 never under ``auto``, whose probe already bounds the errors) each layer also keeps a copy of its exact input for a
-*slice* of the batch (``reference_rows`` sequences, evenly spaced over the batch, :func:`check_rows`), and the
+*slice* of the batch (``reference_rows`` sequences: the one with the smallest token, then evenly spaced ones,
+:func:`check_rows`), and the
 backward compares the same rows of the rebuilt input with it (error ``max_t ‖x̂_t − x_t‖ / ‖x_t‖`` of
 :func:`~.probe.relative_error`, chained from the stack output as the adjoint rebuilds it). The copies cost
 ``reference_rows / batch`` of ``scheme="checkpoint"``'s activation memory on that pass, so the peak memory of a run
@@ -37,12 +38,18 @@ _REMEDY = (
 )
 
 
-def check_rows(batch: int, rows: int | None) -> Tensor | None:
-    """Indices of the ``rows`` sequences of a batch of ``batch`` that a self-check keeps exact inputs for, evenly
-    spaced from the first to the last; None when that is the whole batch (``rows`` None or ≥ ``batch``)."""
+def check_rows(x: Tensor, rows: int | None) -> Tensor | None:
+    """Indices of the ``rows`` sequences of the batch ``x`` (B, ..., H) that a self-check keeps exact inputs for:
+    first the sequence holding the smallest token (‖x_t‖ least: relative errors divide by it, and a model that
+    zeroes padded tokens makes it 0), then sequences evenly spaced from the first to the last; None when that is
+    the whole batch (``rows`` None or ≥ B). One host sync."""
+    batch = x.shape[0]
     if rows is None or rows >= batch:
         return None
-    return torch.linspace(0, batch - 1, rows).round().long().unique()
+    smallest = int(x.detach().flatten(1, -2).norm(dim=-1).amin(dim=1).argmin())
+    spaced = torch.linspace(0, batch - 1, rows).round().long().tolist()
+    chosen = list(dict.fromkeys([smallest, *spaced, *range(batch)]))[:rows]
+    return torch.tensor(sorted(chosen))
 
 
 def rows_of(x: Tensor, rows: Tensor | None) -> Tensor:
@@ -111,6 +118,7 @@ class PassCheck:
         self.guard, self.pass_index, self.referenced, self.rows = guard, pass_index, referenced, rows
         self.bottom: int | None = None  # the lowest position run through the Function: the backward's last
         self._values: dict[int, Tensor] = {}
+        self._rows: Tensor | None = None  # the checked sequences, chosen at the pass's first layer
 
     def enter(self, position: int) -> None:
         """Position ``position`` ran through the Function in the forward."""
@@ -118,7 +126,9 @@ class PassCheck:
 
     def reference(self, x: Tensor) -> Tensor:
         """What a layer keeps of its exact input ``x`` (B, ...) to compare with: a copy of the checked rows."""
-        return rows_of(x, check_rows(x.shape[0], self.rows))
+        if self._rows is None:
+            self._rows = check_rows(x, self.rows)
+        return rows_of(x, self._rows)
 
     def record(self, position: int, rebuilt: State, reference: Tensor | None) -> None:
         """Keep, on the device, whether ``rebuilt`` is finite (every row) and the error of its checked rows against
@@ -127,7 +137,7 @@ class PassCheck:
         if reference is None:
             error = finite.new_tensor(0.0)
         else:
-            error = relative_error_tensor(rows_of(rebuilt[0], check_rows(rebuilt[0].shape[0], self.rows)), reference)
+            error = relative_error_tensor(rows_of(rebuilt[0], self._rows), reference)
         self._values[position] = torch.stack([finite, error])
 
     def finish(self, position: int) -> None:

@@ -151,17 +151,33 @@ def _skew_rebuild_row(monkeypatch, norm: torch.nn.Module, row: int) -> None:
     monkeypatch.setattr(Euler, "reverse", reverse)
 
 
-def test_check_rows_are_evenly_spaced_and_none_for_the_whole_batch():
-    assert check_rows(16, 2).tolist() == [0, 15]
-    assert check_rows(16, 4).tolist() == [0, 5, 10, 15]
-    assert check_rows(3, 3) is None and check_rows(2, 5) is None and check_rows(8, None) is None
+def test_check_rows_take_the_smallest_token_then_evenly_spaced_rows():
+    x = torch.ones(16, 5, 4)
+    assert check_rows(x, 2).tolist() == [0, 15]
+    assert check_rows(x, 4).tolist() == [0, 5, 10, 15]
+    x[7, 3] = 0.0  # a zeroed (padded) token: its sequence is checked first
+    assert check_rows(x, 2).tolist() == [0, 7] and check_rows(x, 1).tolist() == [7]
+    assert check_rows(x[:3], 3) is None and check_rows(x[:2], 5) is None and check_rows(x, None) is None
 
 
-@pytest.mark.parametrize(("row", "rows", "caught"), [(0, 2, True), (2, 2, True), (1, 2, False), (1, None, True)])
-def test_the_check_compares_a_slice_of_the_batch_and_misses_errors_outside_it(monkeypatch, row, rows, caught):
-    """A wrong rebuild in a checked sequence is refused; one only in a sequence outside the slice (row 1 of 3 with
-    two checked rows: rows 0 and 2) passes the check: the documented limit of checking a slice."""
+def _first_layer_input(model, inputs) -> torch.Tensor:
+    captured = []
+    handle = model.encoder.layer[0].register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    with torch.no_grad():
+        model(**inputs)
+    handle.remove()
+    return captured[0]
+
+
+@pytest.mark.parametrize(
+    ("where", "rows", "caught"), [("checked", 2, True), ("unchecked", 2, False), ("unchecked", None, True)]
+)
+def test_the_check_compares_a_slice_of_the_batch_and_misses_errors_outside_it(monkeypatch, where, rows, caught):
+    """A wrong rebuild in a checked sequence is refused; one only in the sequence outside the slice (2 of 3 rows
+    checked) passes the check: the documented limit of checking a slice."""
     model, inputs = tiny_model("bert", dropout=0.0)
+    checked = check_rows(_first_layer_input(model, inputs), 2).tolist()
+    row = checked[0] if where == "checked" else next(r for r in range(3) if r not in checked)
     (stack,) = enable_adjoint(model, "euler", reference_rows=rows)
     _skew_rebuild_row(monkeypatch, model.encoder.layer[1].attention.output.LayerNorm, row)
     if caught:
@@ -174,7 +190,8 @@ def test_the_check_compares_a_slice_of_the_batch_and_misses_errors_outside_it(mo
 
 def test_non_finite_rebuild_outside_the_checked_slice_still_raises(monkeypatch):
     model, inputs = tiny_model("bert", dropout=0.0)
-    enable_adjoint(model, "euler", reference_rows=1)  # checks row 0 only
+    (checked,) = check_rows(_first_layer_input(model, inputs), 1).tolist()
+    enable_adjoint(model, "euler", reference_rows=1)  # checks one row
     original = Euler.reverse
     norm = model.encoder.layer[2].attention.output.LayerNorm
 
@@ -182,7 +199,7 @@ def test_non_finite_rebuild_outside_the_checked_slice_still_raises(monkeypatch):
         x, *rest = original(self, sublayers, state, rec)
         if sublayers[0].norm is norm:
             x = x.clone()
-            x[2, 0, 0] = math.nan
+            x[(checked + 1) % 3, 0, 0] = math.nan
         return (x, *rest)
 
     monkeypatch.setattr(Euler, "reverse", reverse)
