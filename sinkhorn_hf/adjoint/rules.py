@@ -141,14 +141,18 @@ class Heun(Rule):
         return z - 0.5 * (k1 + k2)
 
 
-class Momentum(Euler):
-    """State (x, v): ``v' = γv + (1−γ)(layer(x) − x)``, ``x' = x + v'`` with γ = ``momentum``; exactly invertible."""
+class _TwoStream(Euler):
+    """A rule whose state carries a second stream beside x, zero where the stack starts."""
 
-    keeps_norm_stats = False  # the reverse runs the layer forwards at the rebuilt x: nothing to undo
+    keeps_norm_stats = False  # the reverse runs the layer forwards at a known x: nothing to undo
     changes_forward = True
 
     def start(self, x: Tensor, carried: State = ()) -> State:
         return (x, *carried) if carried else (x, torch.zeros_like(x))
+
+
+class Momentum(_TwoStream):
+    """State (x, v): ``v' = γv + (1−γ)(layer(x) − x)``, ``x' = x + v'`` with γ = ``momentum``; exactly invertible."""
 
     def run(self, sublayers: list[Sublayer], state: State, rec: LayerRecord) -> State:
         x, v = state
@@ -162,16 +166,10 @@ class Momentum(Euler):
         return x, (v1 - (1.0 - self.momentum) * (update - x)) / self.momentum
 
 
-class Reversible(Euler):
+class Reversible(_TwoStream):
     """State (x, p): ``x' = L(x) + λ·p``, ``p' = x`` with λ = ``coupling`` and ``L`` the whole layer; p = 0 enters
     the bottom layer (which computes the pretrained layer exactly). Reverse: ``x = p'``, ``p = (x' − L(x))/λ``: the
     only error is the rounding of the forward sum, divided by λ, and it grows by about ‖∂L‖/λ per layer down."""
-
-    keeps_norm_stats = False  # the reverse runs the layer forwards at the known x: nothing to undo
-    changes_forward = True
-
-    def start(self, x: Tensor, carried: State = ()) -> State:
-        return (x, *carried) if carried else (x, torch.zeros_like(x))
 
     def run(self, sublayers: list[Sublayer], state: State, rec: LayerRecord) -> State:
         x, p = state
