@@ -9,6 +9,7 @@ and the iterates (O(K·N)): the backward recomputes the scores once and differen
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -29,12 +30,15 @@ from .settings import RouteOptions
 
 
 class Workspace:
-    """Scratch (..., Lq, Lk) buffers reused from one call to the next, one per (purpose, shape, dtype) and thread.
+    """Scratch buffers reused from one call to the next: one flat buffer per (purpose, dtype, device, inference
+    mode) and thread, grown to the largest request seen; a call gets a view of its first elements.
 
     On CPU every fresh N² buffer costs a page fault per 4 KiB page on first touch (glibc hands large blocks
-    back to the system on free), which is a third of the dense route's time at N=512. Only buffers that never
-    leave a forward or backward call come from here. CUDA has its own caching allocator and a compiled graph plans
-    its own buffers, so there this is plain ``torch.empty``. ``clear()`` frees the cached buffers.
+    back to the system on free), which is a third of the dense route's time at N=512. One buffer per purpose
+    (not per shape) keeps memory bounded when every batch has another shape (dynamic padding): what is held is
+    at most the largest request of each purpose. Only buffers that never leave a forward or backward call come
+    from here. CUDA has its own caching allocator and a compiled graph plans its own buffers, so there this is
+    plain ``torch.empty``. ``clear()`` frees the cached buffers.
     """
 
     def __init__(self) -> None:
@@ -45,14 +49,22 @@ class Workspace:
         return self.empty(purpose, like.shape, like.dtype, like.device)
 
     def empty(self, purpose: str, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """An uninitialised contiguous tensor of ``shape``, valid until the next request for ``purpose``."""
         if torch.device(device).type != "cpu" or torch.compiler.is_compiling():  # compiled: inductor plans memory
             return torch.empty(shape, dtype=dtype, device=device)
         cache = self._local.__dict__.setdefault("buffers", {})
         # A buffer made under inference_mode is an inference tensor: autograd refuses it outside that mode.
-        key = (purpose, tuple(shape), dtype, torch.is_inference_mode_enabled())
-        if key not in cache:
-            cache[key] = torch.empty(shape, dtype=dtype, device=device)
-        return cache[key]
+        key = (purpose, dtype, torch.device(device), torch.is_inference_mode_enabled())
+        size = math.prod(shape)
+        buffer = cache.get(key)
+        if buffer is None or buffer.numel() < size:
+            cache.pop(key, None)  # freed before the larger one is made
+            buffer = cache[key] = torch.empty(size, dtype=dtype, device=device)
+        return buffer[:size].view(shape)
+
+    def held_bytes(self) -> int:
+        """Bytes this thread's cached buffers hold."""
+        return sum(b.numel() * b.element_size() for b in self._local.__dict__.get("buffers", {}).values())
 
     def clear(self) -> None:
         self._local.__dict__.pop("buffers", None)

@@ -326,6 +326,32 @@ def test_workspace_buffers_never_escape():
     torch.testing.assert_close(again, out, rtol=0, atol=0)
 
 
+def test_workspace_stays_bounded_under_dynamic_padding():
+    """Training with dynamic padding gives every batch another (batch, length): the dense route's cached scratch
+    never holds more than the largest shape alone needs (it kept one set of N² buffers per shape, growing
+    without bound), and results are those of a cold cache."""
+    shapes = [(2, 9), (1, 5), (3, 7), (2, 4), (1, 9), (3, 3), (2, 8), (1, 6), (3, 9), (2, 5)]  # (batch, length)
+    largest = max(shapes, key=lambda shape: shape[0] * shape[1] ** 2)
+
+    def run(batch, n, seed=0):
+        c = case(lengths=tuple(range(n, n - batch, -1)), seed=seed)
+        out, _ = fast(c, 3)
+        return [out.detach()] + list(torch.autograd.grad(out.square().sum(), inputs_of(c)))
+
+    dense_module.WORKSPACE.clear()
+    run(*largest)
+    needed = dense_module.WORKSPACE.held_bytes()
+    assert needed > 0
+    for seed, shape in enumerate(shapes):
+        warm = run(*shape, seed)
+        assert dense_module.WORKSPACE.held_bytes() <= needed, f"after {shape}"
+        dense_module.WORKSPACE.clear()
+        cold = run(*shape, seed)
+        for mine, theirs in zip(warm, cold, strict=True):
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+        run(*largest)
+
+
 def test_training_after_inference_mode_reuses_no_inference_buffer():
     """encode() under inference_mode, then fine-tune (sentence-transformers' order): the dense route's cached
     buffers from the inference call must not reach autograd."""
