@@ -308,6 +308,30 @@ def test_model_settings_select_the_modes():
     assert not torch.allclose(implicit[1], dense[1], rtol=1e-3, atol=0)
 
 
+@pytest.mark.parametrize("iterations", [2, 3, 5])
+def test_the_log_domain_dense_route_matches_the_reference(iterations, monkeypatch):
+    """The dense route's log-domain Function, taken where the kernel domain's scalings could leave the dtype."""
+    taken = []
+    monkeypatch.setattr(dense_module, "kernel_domain_fits", lambda *args: taken.append(args) and False)
+    c = case(seed=15)
+    out, _ = fast(c, iterations, streaming=False)
+    assert taken, "the dense route must ask which domain fits"
+    expected = reference(c, iterations)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    assert_same_gradients(out, expected, c)
+
+
+def test_the_kernel_domain_is_taken_while_its_scalings_fit_the_dtype():
+    """N^(steps + 1) must stay within float32's resolution: K=3 at any dense length (symbolic lengths count as
+    2^16), more steps only at small N; float64 allows far more."""
+    fits = dense_module.kernel_domain_fits
+    symbolic = torch.export.Dim("n")  # not an int: the bound for the largest dense length applies
+    assert fits(3, 512, 512, torch.float32) and fits(3, symbolic, symbolic, torch.float32)
+    assert fits(7, 512, 512, torch.float32) and not fits(8, 512, 512, torch.float32)
+    assert not fits(4, symbolic, symbolic, torch.float32)
+    assert fits(40, 2**16, 2**16, torch.float64)
+
+
 def test_workspace_buffers_never_escape():
     """The dense route reuses scratch buffers between calls: nothing it returns may live in them."""
     first = case(seed=12)
