@@ -48,6 +48,12 @@ def matmul_into(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
     return torch.matmul(a, b, out=out)
 
 
+def _row_sums(matrix: Tensor, weight: Tensor) -> Tensor:
+    """matrix @ weightᵀ, (..., Lq, Lk) and (..., 1, Lk) -> (..., Lq, 1), as (weight @ matrixᵀ)ᵀ: a third faster
+    than the column-vector product on CPU (measured: 44 vs 63 ms at 48×512×512, one thread)."""
+    return torch.matmul(weight, matrix.transpose(-1, -2)).transpose(-1, -2)
+
+
 class ShiftedKernel:
     """E = exp(S - m 1ᵀ - 1 cᵀ) (..., Lq, Lk) on the support (0 outside), with its shifts as natural-log offsets
     ``row_offset`` = m (..., Lq, 1) and ``column_offset`` = c (..., 1, Lk).
@@ -125,7 +131,7 @@ class ShiftedKernel:
     def row_lse(self, v: Tensor) -> Tensor:
         """lse_k(log E + v) over allowed keys, (..., Lq, 1), for a relative column potential v."""
         peak = v.amax(-1, keepdim=True)
-        sums = torch.matmul(self.matrix, (v - peak).exp().transpose(-1, -2))
+        sums = _row_sums(self.matrix, (v - peak).exp())
         return peak + sums.clamp_min(torch.finfo(sums.dtype).tiny).log()
 
     def column_lse(self, u: Tensor) -> Tensor:
@@ -156,8 +162,8 @@ class KernelPlan(Plan):
         self.kernel, self.x, self.y = kernel, x, y
 
     def times(self, weight: Tensor) -> Tensor:
-        """(..., 1, Lk) -> (..., Lq, 1). (The transposed view picks matmul's fast matrix-vector path.)"""
-        return self.x * torch.matmul(self.kernel, (self.y * weight).transpose(-1, -2))
+        """(..., 1, Lk) -> (..., Lq, 1)."""
+        return self.x * _row_sums(self.kernel, self.y * weight)
 
     def rtimes(self, weight: Tensor) -> Tensor:
         """(..., Lq, 1) -> (..., 1, Lk)."""
