@@ -2,6 +2,8 @@
 
 The converted directory loads with ``import sinkhorn_hf; AutoModel.from_pretrained(OUT)`` and runs Sinkhorn
 attention with the saved settings; with ``iterations=1`` it computes exactly what the original computes.
+Everything is written into a staging folder and checked there (config reloaded, model built, every weight tensor
+read back) before it replaces OUT, so a truncated or damaged source leaves OUT as it was.
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ def convert(
         _copy_files(source_dir, staging, [*weights, *preprocessors])
         (staging / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         _verify(staging, settings, kind.auto_class)
+        _check_weights(staging, weights, str(source), output_dir)
         _swap_into_place(staging, target)
     finally:
         if staging.exists():
@@ -264,7 +267,10 @@ def _weight_files(source_dir: Path, source: str) -> list[str]:
     """The files transformers would load weights from, shards included."""
     for single, index in (_SAFETENSORS, _TORCH_BIN):
         if (source_dir / index).is_file():
-            shards = sorted(set(json.loads((source_dir / index).read_text())["weight_map"].values()))
+            try:
+                shards = sorted(set(json.loads((source_dir / index).read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as error:
+                raise ConversionError(f"{source}: {index} is not a readable weight index ({error!r})") from None
             missing = [shard for shard in shards if not (source_dir / shard).is_file()]
             if missing:
                 raise ConversionError(f"{source}: {index} lists shards that are missing: {', '.join(missing)}")
@@ -300,3 +306,26 @@ def _verify(directory: Path, settings: SinkhornSettings, auto_class: str) -> Non
             model_from_config(model_class, config)
     except ValueError as error:  # the load-time guards: decoder configs, attention outside the interface
         raise ConversionError(f"the converted model would not load with Sinkhorn attention: {error}") from None
+
+
+def _check_weights(directory: Path, weights: list[str], source: str, output_dir: str | Path) -> None:
+    """Read every tensor of every weight file in ``directory`` (one tensor in memory at a time for safetensors), so
+    that a truncated or damaged file is refused, naming it, instead of replacing a good OUT."""
+    import torch
+    from safetensors import safe_open
+
+    for name in weights:
+        if name.endswith(".json"):
+            continue  # the index, already read by _weight_files
+        try:
+            if name.endswith(".safetensors"):
+                with safe_open(directory / name, framework="pt") as file:
+                    for key in file.keys():  # noqa: SIM118  (safe_open is not a mapping)
+                        file.get_tensor(key)
+            else:
+                torch.load(directory / name, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ConversionError(
+                f"{source}: the weights file {name} cannot be read, it is truncated or damaged "
+                f"({type(error).__name__}: {error}); {output_dir} was left as it was"
+            ) from None

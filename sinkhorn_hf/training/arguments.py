@@ -186,7 +186,17 @@ class TrainerArguments:
         default=2, metadata={"help": "keep at most this many checkpoints (oldest deleted first); unset keeps all"}
     )
     resume_from_checkpoint: str | None = field(
-        default=None, metadata={"help": "a checkpoint folder, or 'latest' for the newest one under --output_dir"}
+        default=None,
+        metadata={
+            "help": "a checkpoint folder, or 'latest' for the newest one under --output_dir (none yet: start at step 0)"
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "start a new run in an --output_dir holding an earlier run's checkpoints: they, its results and "
+            "logs are moved into previous_run-<time>/ there (nothing is deleted)"
+        },
     )
     eval_steps: int | None = field(
         default=None, metadata={"help": "evaluate every N optimizer steps; unset: at the end of every epoch"}
@@ -217,6 +227,11 @@ class TrainerArguments:
     hub_private_repo: bool = False
 
     def __post_init__(self) -> None:
+        if self.overwrite_output_dir and self.resume_from_checkpoint:
+            raise ValueError(
+                "give --resume_from_checkpoint (continue the run in --output_dir) or --overwrite_output_dir (start "
+                "anew, moving its checkpoints aside), not both"
+            )
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id (e.g. user/bert-sinkhorn-sst2)")
         if self.checkpointing_steps is not None and self.checkpointing_steps != "epoch":

@@ -6,15 +6,22 @@ scheduler, RNG states) plus :data:`TRAINER_STATE_FILE` (:class:`TrainerState` as
 else cannot run code through it) and, written last, :data:`MANIFEST_FILE`, the sha256 and size of every other file.
 It is written into ``.partial-step_<N>`` and renamed into place once the manifest is there, so a folder
 ``step_<N>`` with a manifest is complete; a resume checks every file against the manifest.
+
+A folder holds the checkpoints of one run: a run that does not continue them refuses to write among them
+(:func:`check_run_start`) unless asked to move them aside (:func:`move_earlier_run_aside`), and pruning deletes
+only checkpoints carrying the run's own ``run_id``. Nothing is deleted that this program did not write: folders in
+the way are renamed aside, never removed.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -26,10 +33,22 @@ MANIFEST_FILE = "checkpoint_manifest.json"  # written last: its presence marks a
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _PARTIAL_PREFIX = ".partial-"
 _PARTIAL_DIR = re.compile(r"^\.partial-(old-)?step_\d+$")  # only folders of this name are ours to clean up
+PREVIOUS_RUN_PREFIX = "previous_run-"  # where --overwrite_output_dir moves an earlier run's checkpoints
+# Besides checkpoints/, what a run writes at the top of --output_dir other than its model (results, tracker logs,
+# attention marginals): it describes the earlier run and moves aside with its checkpoints.
+_EARLIER_RUN_FILES = ("results.json", "runs", "attention_marginals.json", "attention_marginals.png")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is incomplete, corrupted, or was written by a different run."""
+
+
+class OutputDirHasCheckpointsError(CheckpointError):
+    """A new run was asked to write into a folder holding the checkpoints of an earlier run."""
+
+
+class OutOfSpaceError(OSError):
+    """A checkpoint or the final model could not be written: the disk is full."""
 
 
 @dataclass
@@ -38,7 +57,8 @@ class TrainerState:
 
     ``epoch``/``batch_in_epoch`` locate the next batch to read; ``fingerprint`` holds the settings a
     resumed run must share with the run that wrote the checkpoint; ``adjoint_auto_choices`` what
-    ``--adjoint auto`` chose (:func:`sinkhorn_hf.adjoint.auto_choices`), so that a resumed run does not probe again.
+    ``--adjoint auto`` chose (:func:`sinkhorn_hf.adjoint.auto_choices`), so that a resumed run does not probe again;
+    ``run_id`` names the run (kept across resumes): only checkpoints with the same id are ever pruned.
     """
 
     completed_steps: int = 0
@@ -55,6 +75,7 @@ class TrainerState:
     history: list[dict[str, Any]] = field(default_factory=list)
     fingerprint: dict[str, Any] = field(default_factory=dict)
     adjoint_auto_choices: dict[str, Any] = field(default_factory=dict)
+    run_id: str = ""  # "" in checkpoints of versions before run ids: never pruned
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -148,6 +169,23 @@ def finish_checkpoint(partial: Path, final: Path) -> None:
         shutil.rmtree(aside)
 
 
+def move_into_place(staging: Path, folder: Path) -> None:
+    """Move every entry of ``staging`` (a finished final model) into ``folder``, replacing those of the same name,
+    config.json last so that it never stands there without its weights; then remove the emptied ``staging``.
+    A sub-folder (LoRA's adapter/) replaces the earlier one by renames, the earlier one deleted only after."""
+    for entry in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
+        target = folder / entry.name
+        if entry.is_dir() and target.is_dir():
+            earlier = folder / f"{_PARTIAL_PREFIX}old-{entry.name}"
+            shutil.rmtree(earlier, ignore_errors=True)  # ours, left by a run killed between these renames
+            os.replace(target, earlier)
+            os.replace(entry, target)
+            shutil.rmtree(earlier)
+        else:
+            os.replace(entry, target)
+    staging.rmdir()
+
+
 def verify_checkpoint(path: Path) -> None:
     """Raise :class:`CheckpointError` naming the checkpoint and the file unless every file the manifest lists is
     there with its size and sha256, and no pickled custom state is there."""
@@ -184,9 +222,10 @@ def verify_checkpoint(path: Path) -> None:
             )
 
 
-def resolve_checkpoint(spec: str, output_dir: str | Path) -> Path:
+def resolve_checkpoint(spec: str, output_dir: str | Path) -> Path | None:
     """``"latest"`` -> the newest complete checkpoint under ``output_dir`` (warning about newer incomplete ones it
-    skips); anything else must be a checkpoint folder."""
+    skips), or None when there is none yet (a requeued job's first launch starts from step 0); anything else must
+    be a checkpoint folder."""
     if spec == "latest":
         found = list_checkpoints(output_dir)
         newest = int(_STEP_DIR.match(found[-1].name).group(1)) if found else -1
@@ -200,12 +239,7 @@ def resolve_checkpoint(spec: str, output_dir: str | Path) -> Path:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        if not found:
-            raise FileNotFoundError(
-                f"--resume_from_checkpoint latest: no checkpoint under {Path(output_dir) / CHECKPOINTS_DIR} "
-                "(checkpoints are written every --checkpointing_steps and at the end of training)"
-            )
-        return found[-1]
+        return found[-1] if found else None
     path = Path(spec)
     if not path.is_dir():
         raise FileNotFoundError(
@@ -215,10 +249,119 @@ def resolve_checkpoint(spec: str, output_dir: str | Path) -> Path:
     return path
 
 
-def prune_checkpoints(output_dir: str | Path, keep: int | None) -> None:
-    """Delete the oldest complete checkpoints so that at most ``keep`` remain (None keeps all)."""
-    if keep is None:
-        return
+def check_run_start(output_dir: str | Path, resume_from_checkpoint: str | None, overwrite_output_dir: bool) -> None:
+    """Refuse (:class:`OutputDirHasCheckpointsError`) a run that would write among the complete checkpoints of an
+    earlier run in ``output_dir`` without continuing them: one that resumes nothing, or a checkpoint from elsewhere.
+    ``overwrite_output_dir`` lets it start (the trainer then moves them aside). A named checkpoint must exist.
+    Reads only, so the scripts call it before loading data and model."""
+    if resume_from_checkpoint not in (None, "latest"):
+        resolve_checkpoint(resume_from_checkpoint, output_dir)
     found = list_checkpoints(output_dir)
-    for path in found[: max(len(found) - keep, 0)]:
+    if not found or overwrite_output_dir or resume_from_checkpoint == "latest":
+        return
+    root = (Path(output_dir) / CHECKPOINTS_DIR).resolve()
+    if resume_from_checkpoint is not None and Path(resume_from_checkpoint).resolve().parent == root:
+        return
+    instead = f"resuming {resume_from_checkpoint} from elsewhere" if resume_from_checkpoint else "a new run"
+    raise OutputDirHasCheckpointsError(
+        f"--output_dir {output_dir} holds checkpoints of an earlier run ({', '.join(p.name for p in found)}) and "
+        f"{instead} there would mix with them: continue that run with --resume_from_checkpoint latest, start anew "
+        f"with --overwrite_output_dir (its checkpoints, results and logs are moved into "
+        f"{PREVIOUS_RUN_PREFIX}<time>/ inside it, nothing is deleted), or choose another --output_dir"
+    )
+
+
+def move_earlier_run_aside(output_dir: str | Path) -> Path | None:
+    """Move ``checkpoints/`` and the earlier run's results.json, tracker logs (``runs/``) and attention marginals
+    into a new ``previous_run-<UTC time>`` folder in ``output_dir``, so that a new run starts among no checkpoints
+    and nothing is lost (its final model at the top is replaced by the new run's at the end). Returns that folder
+    (None when there was nothing to move)."""
+    output_dir = Path(output_dir)
+    moving = [output_dir / name for name in (CHECKPOINTS_DIR, *_EARLIER_RUN_FILES) if (output_dir / name).exists()]
+    if not moving:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    aside = _free_name(output_dir / f"{PREVIOUS_RUN_PREFIX}{stamp}")
+    aside.mkdir()
+    for path in moving:
+        os.replace(path, aside / path.name)
+    return aside
+
+
+def set_aside_unusable(final: Path, run_id: str) -> Path | None:
+    """Before checkpoint ``final`` is written: rename a folder of that name out of the way unless it is this run's
+    own complete checkpoint (which the new one replaces). That is an incomplete one ``latest`` skipped, or one
+    of another run: ``step_<N>.incomplete`` / ``step_<N>.other-run`` (``-2``, ... if taken). Returns where it went."""
+    if not final.exists() or (is_complete(final) and checkpoint_run_id(final) == run_id):
+        return None
+    aside = _free_name(final.with_name(f"{final.name}.{'other-run' if is_complete(final) else 'incomplete'}"))
+    os.replace(final, aside)
+    return aside
+
+
+def _free_name(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3``, ... the first that does not exist."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
+
+
+def checkpoint_run_id(path: Path) -> str | None:
+    """The ``run_id`` in a checkpoint's trainer state (None when unreadable)."""
+    try:
+        return TrainerState.read(path / TRAINER_STATE_FILE).run_id
+    except (CheckpointError, TypeError):
+        return None
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int | None, run_id: str) -> None:
+    """Delete the oldest complete checkpoints of run ``run_id`` so that at most ``keep`` of them remain (None keeps
+    all). Checkpoints of any other run, or of none (``run_id`` ""), are never touched."""
+    if keep is None or not run_id:
+        return
+    ours = [path for path in list_checkpoints(output_dir) if checkpoint_run_id(path) == run_id]
+    for path in ours[: max(len(ours) - keep, 0)]:
         shutil.rmtree(path)
+
+
+def is_disk_full(error: BaseException, where: str | Path) -> bool:
+    """ENOSPC, as an OSError or inside another library's error (safetensors: "No space left on device"); or any
+    error while the disk holding ``where`` has under 1 MiB free, as torch.save's do not say why ("unexpected pos")."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(seen) or "StorageFull" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return _free_bytes(where) < 2**20
+
+
+def space_needed(output_dir: str | Path, keep: int | None) -> str:
+    """A sentence on the space checkpoints need: the newest one's size, and ``keep`` + 1 of them at once."""
+    found = list_checkpoints(output_dir)
+    size = ""
+    if found:
+        total = sum(p.stat().st_size for p in found[-1].rglob("*") if p.is_file())
+        size = f" (the last, {found[-1].name}, takes {total / 2**20:.1f} MiB)"
+    if keep is None:
+        return f"--save_total_limit is unset, so every checkpoint is kept{size}"
+    return (
+        f"with --save_total_limit {keep} the disk must hold {keep + 1} checkpoints{size}, as the oldest is "
+        "deleted only once the new one is complete"
+    )
+
+
+def free_space(path: str | Path) -> str:
+    """Free space on the disk holding ``path``, e.g. ``"12.3 MiB free"``."""
+    return f"{_free_bytes(path) / 2**20:.1f} MiB free"
+
+
+def _free_bytes(path: str | Path) -> int:
+    """Bytes free (for this user) on the disk holding ``path`` or its nearest existing parent."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free

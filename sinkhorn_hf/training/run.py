@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .arguments import ModelArguments, TrainerArguments
+from .checkpoints import check_run_start
 from .metrics import MetricFn
 from .results import RunResults, run_info
 
@@ -77,6 +78,8 @@ def run_task(task: Task, model_args: ModelArguments, data_args: Any, trainer_arg
     from .modeling import build_model, load_config
     from .trainer import Trainer, make_accelerator
 
+    # Refuse a run that would mix with another's checkpoints before spending minutes on data and model.
+    check_run_start(trainer_args.output_dir, trainer_args.resume_from_checkpoint, trainer_args.overwrite_output_dir)
     accelerator = make_accelerator(trainer_args)
     with accelerator.main_process_first():
         data = task.load(data_args, model_args, trainer_args.seed)

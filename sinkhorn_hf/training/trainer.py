@@ -3,7 +3,12 @@
 Checkpoints hold everything a run needs to continue bit-for-bit: model, optimizer, scheduler and RNG states
 (``Accelerator.save_state``) and the loop position (:class:`~.checkpoints.TrainerState`, JSON). The data order of
 epoch e is a pure function of (seed, e), so a resumed run re-reads the epoch and skips the batches it had
-already consumed. A resume refuses a checkpoint that is incomplete, damaged, or written under other settings.
+already consumed. A resume refuses a checkpoint that is incomplete, damaged, or written under other settings;
+a new run refuses a folder holding an earlier run's checkpoints (:func:`~.checkpoints.check_run_start`).
+
+SIGTERM (a scheduler's notice before it kills) and a first SIGINT stop the run after the current optimizer step
+with a checkpoint, one line saying so, and exit status :data:`EXIT_INTERRUPTED`; a second signal ends it at once.
+The final model is written like a checkpoint: into a staging folder, then moved into place.
 
 Nothing in a checkpoint is unpickled with code execution allowed: accelerate reads the optimizer, scheduler,
 sampler and RNG files with ``torch.load(weights_only=True)`` and the model from safetensors; its pickled
@@ -16,8 +21,13 @@ import json
 import logging
 import math
 import os
+import shutil
+import signal
+import threading
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -37,13 +47,21 @@ from .arguments import TrainerArguments
 from .checkpoints import (
     TRAINER_STATE_FILE,
     CheckpointError,
+    OutOfSpaceError,
     TrainerState,
+    check_run_start,
     checkpoint_dir,
     finish_checkpoint,
+    free_space,
+    is_disk_full,
+    move_earlier_run_aside,
+    move_into_place,
     partial_dir,
     prune_checkpoints,
     remove_partial_checkpoints,
     resolve_checkpoint,
+    set_aside_unusable,
+    space_needed,
     verify_checkpoint,
 )
 from .marginals import MarginalTracker, flat_metrics
@@ -55,6 +73,8 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"  # where a LoRA run keeps its adapter; the run directory itself holds the merged model
 EXAMPLE_ID = "example_id"  # batch key naming the example a row belongs to; gathered, never fed to the model
+FINAL_STAGING = ".partial-final-model"  # where the final model is written before it is moved into --output_dir
+EXIT_INTERRUPTED = 75  # sysexits' EX_TEMPFAIL: stopped by SIGTERM/SIGINT with a checkpoint; run again to continue
 # TrainerArguments that change what a run computes: a resume must have the same (the computed schedule is added).
 RESUME_SETTINGS = (
     "learning_rate", "weight_decay", "lr_scheduler_type", "num_warmup_steps", "warmup_ratio", "max_grad_norm",
@@ -65,6 +85,10 @@ RESUME_SETTINGS = (
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became inf or NaN."""
+
+
+class TrainingInterrupted(SystemExit):
+    """SIGTERM or SIGINT stopped the run after a step whose checkpoint was written (exit status 75)."""
 
 
 def make_accelerator(args: TrainerArguments) -> Accelerator:
@@ -101,6 +125,13 @@ def make_accelerator(args: TrainerArguments) -> Accelerator:
         )
     set_seed(args.seed)
     return accelerator
+
+
+def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """In a DataLoader worker: ignore SIGTERM and SIGINT, which a scheduler (Slurm) or a terminal sends to every
+    process of the job, so that the main process can finish its step and checkpoint; the workers end with it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _optimizer(model: nn.Module, args: TrainerArguments) -> torch.optim.Optimizer:
@@ -153,6 +184,7 @@ class Trainer:
         if args.early_stopping_patience is not None and self.metric_for_best_model is None:
             raise ValueError("early stopping needs --metric_for_best_model")
         self.state = TrainerState()
+        self._stop_signal: int | None = None  # the first SIGTERM/SIGINT received during train()
         self.model = model
         self.run_settings = dict(run_settings or {})
         # The adjoint's stacks are named by their path in the model enable_adjoint got: under LoRA, the base model.
@@ -178,6 +210,7 @@ class Trainer:
             shuffle=True,
             collate_fn=self.data_collator,
             num_workers=args.dataloader_num_workers,
+            worker_init_fn=_leave_stop_signals_to_the_main_process,
             generator=torch.Generator().manual_seed(args.seed),
         )
         eval_loaders = {
@@ -186,6 +219,7 @@ class Trainer:
                 batch_size=args.per_device_eval_batch_size,
                 collate_fn=self.data_collator,
                 num_workers=args.dataloader_num_workers,
+                worker_init_fn=_leave_stop_signals_to_the_main_process,
                 generator=torch.Generator().manual_seed(args.seed),
             )
             for key, ds in self.eval_datasets.items()
@@ -218,9 +252,24 @@ class Trainer:
             "num_train_samples": len(self.train_dataset),
         }
 
-    def _resume(self) -> None:
+    def _start(self) -> None:
+        """Resume (``--resume_from_checkpoint``; ``latest`` with no complete checkpoint yet starts at step 0, saying
+        so), or start anew, with ``--overwrite_output_dir`` after moving an earlier run's checkpoints aside."""
+        args, acc = self.args, self.accelerator
+        path = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir) if args.resume_from_checkpoint else None
+        if path is not None:
+            self._resume(path)
+        elif args.resume_from_checkpoint:
+            acc.print(
+                f"--resume_from_checkpoint latest: no complete checkpoint in {args.output_dir} yet; starting at step 0"
+            )
+        elif args.overwrite_output_dir and acc.is_main_process and (aside := move_earlier_run_aside(args.output_dir)):
+            acc.print(f"--overwrite_output_dir: moved the earlier run's checkpoints, results and logs to {aside}")
+        self.state.run_id = self.state.run_id or uuid.uuid4().hex  # written by the main process alone
+        acc.wait_for_everyone()
+
+    def _resume(self, path: Path) -> None:
         acc = self.accelerator
-        path = resolve_checkpoint(self.args.resume_from_checkpoint, self.args.output_dir)
         verify_checkpoint(path)
         saved = TrainerState.read(path / TRAINER_STATE_FILE)
         expected = json.loads(json.dumps(self.state.fingerprint))  # as it reads back from JSON
@@ -303,16 +352,31 @@ class Trainer:
         self._pause_clock()
         state.last_checkpoint_step = state.completed_steps
         state.adjoint_auto_choices = auto_choices(self.adjoint_model) if self.adjoint_on else {}
-        final = checkpoint_dir(self.args.output_dir, state.completed_steps)
+        output_dir, keep = self.args.output_dir, self.args.save_total_limit
+        final = checkpoint_dir(output_dir, state.completed_steps)
         if acc.is_main_process:
-            remove_partial_checkpoints(self.args.output_dir)  # left by a run killed while writing one
+            remove_partial_checkpoints(output_dir)  # left by a run killed while writing one
+            if aside := set_aside_unusable(final, state.run_id):  # e.g. one `latest` skipped as incomplete
+                acc.print(f"moved {final}, which was not a complete checkpoint of this run, to {aside}")
         acc.wait_for_everyone()
-        acc.save_state(str(partial_dir(final)))
-        acc.wait_for_everyone()
+        try:
+            acc.save_state(str(partial_dir(final)))
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                state.write(partial_dir(final) / TRAINER_STATE_FILE)
+                finish_checkpoint(partial_dir(final), final)
+        except Exception as error:
+            if not is_disk_full(error, final.parent):
+                raise
+            if acc.is_main_process:
+                shutil.rmtree(partial_dir(final), ignore_errors=True)  # ours, half-written: give its space back
+            raise OutOfSpaceError(
+                f"cannot write checkpoint {final}: no space left on device ({free_space(final)}); "
+                f"{space_needed(output_dir, keep)}. Free space or lower --save_total_limit, then continue with "
+                "--resume_from_checkpoint latest"
+            ) from error
         if acc.is_main_process:
-            state.write(partial_dir(final) / TRAINER_STATE_FILE)
-            finish_checkpoint(partial_dir(final), final)
-            prune_checkpoints(self.args.output_dir, self.args.save_total_limit)
+            prune_checkpoints(output_dir, keep, state.run_id)
         acc.wait_for_everyone()
         self._clock = time.perf_counter()
 
@@ -332,15 +396,63 @@ class Trainer:
     # ---------------------------------------------------------------- training
     def train(self) -> RunResults:
         """Train to ``max_steps`` (or early stop), evaluate, save model and results.json; return the results.
-        The output directory is locked for the run (:mod:`.output_lock`)."""
-        with output_dir_lock(self.args.output_dir, enabled=self.accelerator.is_main_process):
+        The output directory is locked for the run (:mod:`.output_lock`). Raises :class:`TrainingInterrupted`
+        after SIGTERM or a first SIGINT (see the module docstring)."""
+        args = self.args
+        with output_dir_lock(args.output_dir, enabled=self.accelerator.is_main_process), self._stop_on_signals():
+            check_run_start(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
             return self._train()
+
+    @contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """Within the block, SIGTERM and SIGINT (unless ignored) only record that the run should stop; a second
+        one restores the earlier handler and raises the signal again, ending the run as it would have."""
+        self._stop_signal = None
+        previous = {}
+
+        def record(signum: int, frame: Any) -> None:
+            if self._stop_signal is None:
+                self._stop_signal = signum
+                return
+            signal.signal(signum, previous[signum])
+            signal.raise_signal(signum)
+
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                if signal.getsignal(signum) not in (signal.SIG_IGN, None):
+                    previous[signum] = signal.signal(signum, record)
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _stop_requested(self) -> bool:
+        """Whether a signal asked this or (a collective) any process to stop."""
+        stop = self._stop_signal is not None
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([float(stop)], device=self.accelerator.device)
+            stop = bool(self.accelerator.reduce(flag, "sum").item() > 0)
+        return stop
+
+    def _stop_for_signal(self, progress: tqdm) -> None:
+        state, acc = self.state, self.accelerator
+        if state.last_checkpoint_step != state.completed_steps:
+            self._save_checkpoint()
+        progress.close()
+        received = signal.Signals(self._stop_signal).name if self._stop_signal else "a signal to another process"
+        acc.print(
+            f"{received}: stopped after step {state.completed_steps} of {self.max_steps} and wrote "
+            f"{checkpoint_dir(self.args.output_dir, state.completed_steps)}; continue with "
+            f"--resume_from_checkpoint latest (exit status {EXIT_INTERRUPTED})"
+        )
+        acc.end_training()
+        raise TrainingInterrupted(EXIT_INTERRUPTED)
 
     def _train(self) -> RunResults:
         args, acc = self.args, self.accelerator
         self._prepare()
-        if args.resume_from_checkpoint:
-            self._resume()
+        self._start()
         state = self.state
         if args.with_tracking:
             hparams = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
@@ -396,6 +508,8 @@ class Trainer:
                     self._evaluate_and_track()
                 if every_ckpt and state.completed_steps % every_ckpt == 0:
                     self._save_checkpoint()
+                if self._stop_requested():
+                    self._stop_for_signal(progress)
                 if self._done():
                     break
             else:  # the epoch ran to its end
@@ -441,26 +555,55 @@ class Trainer:
         paths = self.marginals.write(self.args.output_dir)
         return {"records": self.marginals.records, **{kind: str(path) for kind, path in paths.items()}}
 
+    def _save_final_model(self) -> None:
+        """Write the model and its processor into :data:`FINAL_STAGING`, then move them into ``--output_dir``
+        (config.json last): a save that fails (a full disk) replaces nothing there."""
+        acc = self.accelerator
+        output_dir = Path(self.args.output_dir)
+        staging = output_dir / FINAL_STAGING
+        if acc.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)  # ours, left by a run killed while saving
+            staging.mkdir()
+        acc.wait_for_everyone()
+        try:
+            model = acc.unwrap_model(self.model)
+            state_dict = None
+            if isinstance(model, PeftModel):
+                # The adapter alone cannot be loaded, carded or pushed as a model: keep it in adapter/ and save the
+                # merged weights at the top, so the run directory loads with from_pretrained like any other run.
+                model.save_pretrained(
+                    staging / ADAPTER_DIR, is_main_process=acc.is_main_process, save_function=acc.save
+                )
+                model = model.merge_and_unload()
+            elif acc.distributed_type == DistributedType.FSDP:
+                # Every process holds shards: gather the whole weights (a collective, on every process).
+                state_dict = acc.get_state_dict(self.model)
+            model.save_pretrained(
+                staging, is_main_process=acc.is_main_process, save_function=acc.save, state_dict=state_dict
+            )
+            if self.processing_class is not None and acc.is_main_process:
+                self.processing_class.save_pretrained(staging)
+            acc.wait_for_everyone()
+        except Exception as error:
+            full = is_disk_full(error, output_dir)  # before the staging folder gives its space back
+            if acc.is_main_process:
+                shutil.rmtree(staging, ignore_errors=True)
+            if not full:
+                raise
+            last = checkpoint_dir(output_dir, self.state.completed_steps)
+            raise OutOfSpaceError(
+                f"cannot write the final model into {output_dir}: no space left on device ({free_space(output_dir)}); "
+                f"nothing there was replaced. Its last checkpoint {last} is complete: free space, then run again "
+                "with --resume_from_checkpoint latest to write the final model"
+            ) from error
+        if acc.is_main_process:
+            move_into_place(staging, output_dir)
+        acc.wait_for_everyone()
+
     def _finish(self) -> RunResults:
         acc, state = self.accelerator, self.state
         acc.wait_for_everyone()
-        model = acc.unwrap_model(self.model)
-        state_dict = None
-        if isinstance(model, PeftModel):
-            # The adapter alone cannot be loaded, carded or pushed as a model: keep it in adapter/ and save the
-            # merged weights at the top, so the run directory loads with from_pretrained like any other run.
-            model.save_pretrained(
-                Path(self.args.output_dir) / ADAPTER_DIR, is_main_process=acc.is_main_process, save_function=acc.save
-            )
-            model = model.merge_and_unload()
-        elif acc.distributed_type == DistributedType.FSDP:
-            # Every process holds shards: gather the whole weights (a collective, on every process).
-            state_dict = acc.get_state_dict(self.model)
-        model.save_pretrained(
-            self.args.output_dir, is_main_process=acc.is_main_process, save_function=acc.save, state_dict=state_dict
-        )
-        if self.processing_class is not None and acc.is_main_process:
-            self.processing_class.save_pretrained(self.args.output_dir)
+        self._save_final_model()
         final = state.history[-1]
         memory, memory_kind = peak_memory_mb(acc.device)
         results = RunResults(

@@ -206,6 +206,57 @@ def test_failed_conversion_leaves_the_output_as_it_was(tiny_bert, tmp_path, monk
     assert folder_bytes(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def truncate(path: Path, size: int) -> None:
+    path.write_bytes(path.read_bytes()[:size])
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda s: truncate(s / "model.safetensors", (s / "model.safetensors").stat().st_size // 2),
+        lambda s: truncate(s / "model.safetensors", 4),
+    ],
+    ids=["half", "4-bytes"],
+)
+def test_truncated_weights_exit_non_zero_and_leave_the_output_byte_for_byte(tiny_bert, tmp_path, damage):
+    """The reported case: a cut model.safetensors converted with exit 0, and --overwrite put it over a good OUT."""
+    out, source = tmp_path / "out", tmp_path / "cut"
+    convert(tiny_bert, out, iterations=1)
+    before = folder_bytes(out)
+    shutil.copytree(tiny_bert, source)
+    damage(source)
+    with pytest.raises(SystemExit, match=r"convert: error: .*cut: the weights file model.safetensors cannot be read, "
+                       r"it is truncated or damaged \(SafetensorError: .*\); .*out was left as it was"):  # fmt: skip
+        main(["convert", str(source), str(out), "--iterations", "3", "--overwrite"])
+    assert folder_bytes(out) == before
+    with pytest.raises(ConversionError, match="model.safetensors cannot be read"):
+        convert(source, tmp_path / "fresh", iterations=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut", "out"]  # no staging folder, no fresh output
+
+
+def test_a_truncated_shard_is_refused_naming_it(tmp_path):
+    source = save_tiny_bert(tmp_path / "sharded", max_shard_size="40KB")
+    last = sorted(source.glob("model-*.safetensors"))[-1]
+    truncate(last, last.stat().st_size - 1)
+    with pytest.raises(ConversionError, match=f"the weights file {last.name} cannot be read"):
+        convert(source, tmp_path / "out", iterations=1)
+    (source / "model.safetensors.index.json").write_text('{"weight_map": ')
+    with pytest.raises(ConversionError, match="model.safetensors.index.json is not a readable weight index"):
+        convert(source, tmp_path / "out", iterations=1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_pytorch_bin_weights_are_refused(tiny_bert, tmp_path):
+    source = tmp_path / "bin"
+    shutil.copytree(tiny_bert, source)
+    torch.save(load_file(source / "model.safetensors"), source / "pytorch_model.bin")
+    (source / "model.safetensors").unlink()
+    convert(source, tmp_path / "good", iterations=1)  # the whole .bin converts
+    truncate(source / "pytorch_model.bin", 1000)
+    with pytest.raises(ConversionError, match="the weights file pytorch_model.bin cannot be read"):
+        convert(source, tmp_path / "out", iterations=1)
+
+
 def test_missing_model_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ConversionError, match="does not exist"):
         convert(tmp_path / "nope", tmp_path / "out")
