@@ -1,10 +1,14 @@
-"""Dense Sinkhorn attention as one autograd Function: the scores are computed once and kept for the call.
+"""Dense Sinkhorn attention as one autograd Function: the scores are computed once per call.
 
-Every half-step is a logsumexp over the kept scores (:mod:`.scores`, one block holding every query), so results
-are those of the log-domain reference (:mod:`.sinkhorn`) at any score range, with no data-dependent choice and
-no host synchronisation. Dropout and returning the weights happen inside the Function; it saves only the inputs
-and the iterates (O(K·N)): the backward recomputes the scores once and differentiates through the half-steps
-(:mod:`.iterations`) or at convergence (:mod:`.implicit`, the converged plan held whole for its solve).
+Two Functions compute the same thing, chosen from shapes and dtype alone (no host synchronisation):
+:class:`KernelSinkhornAttention` (:mod:`.kernel`: E = exp(S - m 1ᵀ - 1 cᵀ) once, each half-step one matrix-vector
+product with E, the output and the backward without forming A) while its scalings' range fits the dtype
+(float32: K ≤ 3 at any length, up to K = 7 at N = 512), and :class:`DenseSinkhornAttention` beyond, where every
+half-step is a logsumexp over the kept scores (:mod:`.scores`, one block holding every query). Both give the
+log-domain reference's results (:mod:`.sinkhorn`) at any score range. Dropout and returning the weights happen
+inside the Function; it saves only the inputs, the output and the iterates (O(K·N)): the backward rebuilds the
+kernel or the scores once and differentiates through the half-steps (:mod:`.iterations`) or at convergence
+(:mod:`.implicit`).
 """
 
 from __future__ import annotations
