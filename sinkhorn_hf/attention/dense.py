@@ -152,15 +152,9 @@ class DenseSinkhornAttention(torch.autograd.Function):
             weights = plan_matrix
             if keep is not None:
                 weights = weights.masked_fill(~keep, 0.0).mul_(1 / (1 - options.dropout))
-        grad_value = torch.matmul(weights.transpose(-1, -2), grad_output) if ctx.needs_input_grad[2] else None
-        # d log A = A ⊙ dA; the dropped-out weights carry the dropout mask and rescaling.
-        grad_scores = torch.matmul(grad_output, value.transpose(-1, -2), out=WORKSPACE.get("grad", plan_matrix))
-        if grad_weights is not None:
-            grad_scores.add_(grad_weights)
-        grad_scores.mul_(weights)
+        out = WORKSPACE.get("grad", plan_matrix)
+        grad_value, grad_scores, grad_u, grad_v = _plan_grads(grad_output, value, weights, grad_weights, out, bool(vs))
         del weights
-        grad_u = grad_scores.sum(-1, keepdim=True)
-        grad_v = grad_scores.sum(-2, keepdim=True) if vs else None
         terms_out = plan_matrix  # free once the weights are applied, unless the implicit solve keeps the plan
         if options.settings.backward == "implicit" and vs:
             terms = implicit_terms(StoredPlan(plan_matrix), grad_u, grad_v, blocks.support, options.solver)
@@ -188,6 +182,19 @@ def _input_grads(ctx, grad_scores: Tensor, query, key, bias, scale: float, grad_
         if grad_bias.data_ptr() == grad_scores.data_ptr():  # nothing summed: do not hand out the workspace
             grad_bias = grad_bias.clone()
     return grad_query, grad_key, grad_value if ctx.needs_input_grad[2] else None, grad_bias
+
+
+def _plan_grads(grad_output, value, weights, grad_weights, out: Tensor, columns: bool):
+    """dV = Aᵀ dO and d log A = A ⊙ dA (dA = dO Vᵀ plus the returned weights' own gradient) written into ``out``,
+    with its row sums and, if ``columns``, its column sums. The dropped-out weights carry dropout's mask and
+    rescaling."""
+    grad_value = torch.matmul(weights.transpose(-1, -2), grad_output)
+    grad_scores = matmul_into(grad_output, value.transpose(-1, -2), out)
+    if grad_weights is not None:
+        grad_scores.add_(grad_weights)
+    grad_scores.mul_(weights)
+    column_sums = grad_scores.sum(-2, keepdim=True) if columns else None
+    return grad_value, grad_scores, grad_scores.sum(-1, keepdim=True), column_sums
 
 
 def _dropped_out(weights: Tensor, keep: Tensor | None, dropout: float) -> Tensor:
@@ -260,14 +267,9 @@ class KernelSinkhornAttention(torch.autograd.Function):
         else:
             if weights is None:  # the (dropped-out) weights, as in the forward
                 weights = _dropped_out(final.block(0, WORKSPACE.get("weights", grad_scores)), keep, options.dropout)
-            grad_value = torch.matmul(weights.transpose(-1, -2), grad_output)
-            matmul_into(grad_output, value.transpose(-1, -2), grad_scores)
-            if grad_weights is not None:
-                grad_scores.add_(grad_weights)
-            grad_scores.mul_(weights)
+            plan_grads = _plan_grads(grad_output, value, weights, grad_weights, grad_scores, bool(vs))
+            grad_value, _, grad_u, grad_v = plan_grads
             del weights
-            grad_u = grad_scores.sum(-1, keepdim=True)
-            grad_v = grad_scores.sum(-2, keepdim=True) if vs else None
         if options.settings.backward == "implicit" and vs:
             terms = implicit_terms(final, grad_u, grad_v, support, options.solver)
         else:
