@@ -217,8 +217,9 @@ class KernelSinkhornAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, bias, allowed, query_valid, options: RouteOptions):
         support, shape = _support_and_shape(query, key, allowed, query_valid)
-        scratch = None if query_valid is None else WORKSPACE.empty("scratch", shape, query.dtype, query.device)
-        kernel_buffer = WORKSPACE.empty("kernel", shape, query.dtype, query.device)
+        # the masked copy for the column maxima lives in the backward's buffer, idle during a forward
+        scratch = None if query_valid is None else WORKSPACE.empty("grad", shape, query.dtype, query.device)
+        kernel_buffer = WORKSPACE.empty("scores", shape, query.dtype, query.device)
         kernel = ShiftedKernel(query, key, bias, allowed, support, options.scale, kernel_buffer, scratch)
         iterations = options.settings.iterations
         u = query.new_zeros(*shape[:-1], 1)  # never read: the first step is a row step
@@ -255,7 +256,7 @@ class KernelSinkhornAttention(torch.autograd.Function):
         offsets, rest = tuple(rest[:2]), rest[2:]
         us, vs, frozen = list(rest[:n_us]), list(rest[n_us : n_us + n_vs]), list(rest[n_us + n_vs :])
         support, shape = _support_and_shape(query, key, allowed, query_valid)
-        kernel_buffer = WORKSPACE.empty("kernel", shape, query.dtype, query.device)
+        kernel_buffer = WORKSPACE.empty("scores", shape, query.dtype, query.device)
         kernel = ShiftedKernel(query, key, bias, allowed, support, options.scale, kernel_buffer, None, offsets)
         final = kernel.plan(final_row_potential(us, iterations, query_valid), vs[-1] if vs else 0.0, column=False)
         factored = options.dropout == 0 and not options.return_weights
@@ -286,7 +287,7 @@ class KernelSinkhornAttention(torch.autograd.Function):
             matmul_into(torch.cat(lefts, -1), torch.cat(rights, -1).transpose(-1, -2), grad_scores)
             grad_scores.mul_(kernel.matrix)
         elif terms:
-            products = matmul_into(left, right, WORKSPACE.empty("scratch", shape, query.dtype, query.device))
+            products = matmul_into(left, right, WORKSPACE.get("weights", grad_scores))  # the weights are applied
             grad_scores.addcmul_(kernel.matrix, products, value=-1)
         return (*_input_grads(ctx, grad_scores, query, key, bias, options.scale, grad_value), None, None, None)
 
