@@ -94,10 +94,14 @@ class ShiftedKernel:
 
     @staticmethod
     def _mask(logits: Tensor, bias: Tensor | None, allowed: Tensor | None) -> None:
-        if bias is not None:
-            logits.add_(bias, alpha=LOG2E)
+        """Add the bias and MASKED_LOGIT outside the support as one (broadcast) addition: on CPU an addition of a
+        (B, 1, N, N) float costs a third of a masked_fill with that mask (measured, one thread)."""
+        if allowed is None and bias is None:
+            return
+        additive = 0.0 if bias is None else bias * LOG2E
         if allowed is not None:
-            logits.masked_fill_(~allowed, MASKED_LOGIT)
+            additive = torch.where(allowed, additive, MASKED_LOGIT).to(logits.dtype)
+        logits.add_(additive)
 
     def _shift(self, logits: Tensor, scratch: Tensor) -> tuple[Tensor, Tensor]:
         """Subtract the two shifts from the base-2 ``logits`` in place; return them as natural offsets."""
@@ -108,10 +112,12 @@ class ShiftedKernel:
         logits.sub_(row_max)
         if valid is None:
             marginal = logits
-        elif torch.compiler.is_compiling():
-            marginal = torch.where(valid, logits, MASKED_LOGIT)
-        else:
-            marginal = torch.where(valid, logits, logits.new_full((), MASKED_LOGIT), out=scratch)
+        else:  # padded queries out of the maxima: an addition (a where with a broadcast condition is 3× slower)
+            outside = torch.where(valid, 0.0, MASKED_LOGIT).to(logits.dtype)
+            if torch.compiler.is_compiling():
+                marginal = logits + outside
+            else:
+                marginal = torch.add(logits, outside, out=scratch)
         column_max = marginal.amax(-2, keepdim=True)
         if columns_mass is not None:
             column_max = column_max.masked_fill(~columns_mass, 0.0)
