@@ -70,7 +70,9 @@ _CAN_SET_ATTN = _declare(
 _CONFIG_ATTN = _declare(
     "transformers",
     "PreTrainedConfig._attn_implementation",
-    "the property reading _attn_implementation_internal: the attention a config asks for (dropped by to_dict)",
+    "the property reading _attn_implementation_internal: the attention a config asks for (dropped by to_dict); its "
+    "setter takes every requested attn_implementation (a dict keyed by sub-config names), so it is wrapped to check "
+    "the keys",
 )
 _CONFIG_TO_DICT = _declare(
     "transformers", "PreTrainedConfig.to_dict", "wrapped so that saved configs keep attn_implementation"
@@ -161,19 +163,82 @@ def patch_config_to_dict(extend: Callable[[Any, dict], None]) -> None:
 def patch_from_pretrained_kwargs(adjust: Callable[[dict], None]) -> None:
     """Let ``adjust(kwargs)`` edit the keyword arguments of every ``PreTrainedModel.from_pretrained`` call (Auto
     classes end there too) before transformers reads them. Idempotent."""
+    _patch_model_builder(_FROM_PRETRAINED, before=adjust)
+
+
+def patch_attn_implementation_request(validate: Callable[[Any, Any], None], verify: Callable[[Any, Any], None]) -> None:
+    """Call ``validate(config, requested)`` (which may raise) wherever transformers takes an ``attn_implementation``
+    (a name, or a dict keyed by sub-config names): the config property it is written to (config construction,
+    ``from_pretrained``, ``from_config``) and ``set_attn_implementation``. Call ``verify(model, requested)`` on the
+    model those calls return or change. Idempotent."""
+    from transformers import PreTrainedConfig, PreTrainedModel
+
+    prop = PreTrainedConfig.__dict__[_CONFIG_ATTN.attribute.split(".")[-1]]
+    if not getattr(prop.fset, _PATCHED, False):
+
+        @functools.wraps(prop.fset)
+        def setter(config, value):
+            validate(config, value)
+            prop.fset(config, value)
+
+        setattr(setter, _PATCHED, True)
+        setattr(PreTrainedConfig, _CONFIG_ATTN.attribute.split(".")[-1], property(prop.fget, setter, prop.fdel))
+
+    def wrap(original):
+        def wrapper(self, attn_implementation, *args: Any, **kwargs: Any) -> Any:
+            validate(self.config, attn_implementation)
+            result = original(self, attn_implementation, *args, **kwargs)
+            verify(self, attn_implementation)
+            return result
+
+        return wrapper
+
+    _patch_once(PreTrainedModel, "set_attn_implementation", wrap)
+    for builder in (_FROM_PRETRAINED, _FROM_CONFIG):
+        _patch_model_builder(builder, after=_VerifyBuilt(verify))
+
+
+class _VerifyBuilt(NamedTuple):
+    """``verify(model, kwargs["attn_implementation"])`` as a builder hook (equal hooks are added once)."""
+
+    verify: Callable[[Any, Any], None]
+
+    def __call__(self, model: Any, kwargs: dict) -> None:
+        self.verify(model, kwargs.get("attn_implementation"))
+
+
+def _patch_model_builder(
+    builder: Internal,
+    before: Callable[[dict], None] | None = None,
+    after: Callable[[Any, dict], None] | None = None,
+) -> None:
+    """Wrap the classmethod ``PreTrainedModel.<builder>`` so that ``before(kwargs)`` may edit its keyword arguments
+    and ``after(model, kwargs)`` sees the model it built with the keyword arguments it was given. One wrapper per
+    builder: a later call adds its hooks to it."""
     from transformers import PreTrainedModel
 
-    original = PreTrainedModel.__dict__["from_pretrained"].__func__
-    if getattr(original, _PATCHED, False):
-        return
+    name = builder.attribute.split(".")[-1]
+    original = PreTrainedModel.__dict__[name].__func__
+    hooks = getattr(original, _PATCHED, None)
+    if hooks is None:
+        hooks = {"before": [], "after": []}
 
-    @functools.wraps(original)
-    def wrapper(cls, *args, **kwargs):
-        adjust(kwargs)
-        return original(cls, *args, **kwargs)
+        @functools.wraps(original)
+        def wrapper(cls, *args, **kwargs):
+            for hook in hooks["before"]:
+                hook(kwargs)
+            given = dict(kwargs)
+            result = original(cls, *args, **kwargs)
+            model = result[0] if isinstance(result, tuple) else result  # (model, info) with output_loading_info
+            for hook in hooks["after"]:
+                hook(model, given)
+            return result
 
-    setattr(wrapper, _PATCHED, True)
-    PreTrainedModel.from_pretrained = classmethod(wrapper)
+        setattr(wrapper, _PATCHED, hooks)
+        setattr(PreTrainedModel, name, classmethod(wrapper))
+    for kind, hook in (("before", before), ("after", after)):
+        if hook is not None and hook not in hooks[kind]:
+            hooks[kind].append(hook)
 
 
 def set_config_class_defaults(defaults: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """``attn_implementation="sinkhorn"``: the transformers attention function, its mask function, and the
-guards that make the name safe to use (supported families only, encoders only, persisted on save, settings
-accepted by ``from_pretrained`` even next to an explicit ``config=``).
+guards that make the name safe to use (supported families only, encoders only, dict forms only under keys
+transformers reads, checked to run where asked after loading, persisted on save, settings accepted by
+``from_pretrained`` even next to an explicit ``config=``).
 
 Masks: Sinkhorn normalises columns too, so it must know which *queries* are real. transformers hands an attention
 function key masks only, so in self-attention a query counts as padding exactly when the key at its position is
@@ -20,7 +21,7 @@ from transformers import AttentionInterface, PreTrainedConfig, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .. import compat
-from ..families import check_supported
+from ..families import UnsupportedModelError, check_supported
 from .masking import support_from_mask
 from .routes import sinkhorn_attention
 from .settings import SinkhornSettings
@@ -59,6 +60,7 @@ def sinkhorn_attention_forward(
     """
     _refuse_causal(module, kwargs.get("is_causal"))
     settings = SinkhornSettings.from_config(module.config)
+    key, value = _share_key_value_heads(key, value, query.shape[1])
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     support = None
@@ -100,6 +102,15 @@ def _refuse_causal(module: nn.Module, is_causal: bool | None) -> None:
         )
 
 
+def _share_key_value_heads(key: Tensor, value: Tensor, query_heads: int) -> tuple[Tensor, Tensor]:
+    """Grouped-query attention (EuroBERT): key/value (B, H_kv, Lk, D) -> (B, H, Lk, D), each key/value head
+    serving the H / H_kv consecutive query heads of its group, as transformers' ``repeat_kv`` does for eager."""
+    groups, remainder = divmod(query_heads, key.shape[1])
+    if groups == 1 or remainder:  # unequal head counts that are no grouping: the route names the shapes
+        return key, value
+    return key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+
+
 def _query_valid(query_mask: Tensor | None, support, query_shape: torch.Size) -> Tensor | None:
     """Valid queries (B, 1, Lq, 1): the user's ``sinkhorn_query_mask`` (B, Lq) when given, else the mask's guess."""
     if query_mask is None:
@@ -132,10 +143,10 @@ def _check_sinkhorn_request(model: PreTrainedModel, requested_attention: str | N
     if requested_attention != ATTN_IMPLEMENTATION:
         return
     check_supported(model.config, type(model).__name__)
-    if not (type(model).is_backend_compatible() and compat.can_set_attn_implementation(type(model))):
-        raise ValueError(
-            f"{type(model).__name__} does not route its attention through transformers' AttentionInterface, "
-            "so sinkhorn attention would not run."
+    if not compat.can_set_attn_implementation(type(model)):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}'s attention modules do not call transformers' AttentionInterface, so sinkhorn "
+            "attention would not run."
         )
     if getattr(model.config, "is_decoder", False):
         raise CausalSinkhornError(
@@ -143,6 +154,77 @@ def _check_sinkhorn_request(model: PreTrainedModel, requested_attention: str | N
             "for bidirectional encoders only, as column normalisation leaks future tokens into the past."
         )
     SinkhornSettings.from_config(model.config)  # bad settings fail at load time, not at the first step
+
+
+def _mentions_sinkhorn(requested: object) -> bool:
+    if isinstance(requested, dict):
+        return any(_mentions_sinkhorn(value) for value in requested.values())
+    return requested == ATTN_IMPLEMENTATION
+
+
+def _check_requested_keys(config: PreTrainedConfig | type, requested: object) -> None:
+    """Refuse a dict ``attn_implementation`` that mentions sinkhorn under keys transformers would ignore (it reads
+    ``""`` for the model itself and the names in ``config.sub_configs``, and silently keeps its default elsewhere).
+
+    ``config``: the config (or config class) the dict is applied to; nested dicts are checked against sub-configs.
+    """
+    if not isinstance(requested, dict) or not _mentions_sinkhorn(requested):
+        return
+    sub_configs = getattr(config, "sub_configs", None) or {}
+    unknown = [key for key in requested if key != "" and key not in sub_configs]
+    if unknown:
+        name = config.__name__ if isinstance(config, type) else type(config).__name__
+        valid = ", ".join(["'' (the model itself)", *map(repr, sub_configs)])
+        shared = (
+            f"; {name} has no sub-configs, its parts share one config: pass a name (attn_implementation="
+            '"sinkhorn") or load the part you want alone, e.g. WhisperForAudioClassification for Whisper\'s encoder'
+            if not sub_configs
+            else ""
+        )
+        raise ValueError(
+            f"attn_implementation={requested!r} names {', '.join(map(repr, unknown))}, which {name} does not have, "
+            f"so transformers would ignore it and run another attention where sinkhorn was asked for. Valid keys: "
+            f"{valid}{shared}."
+        )
+    for key, value in requested.items():
+        if key:  # the sub-config itself when built, else its class (a config under construction)
+            sub_config = getattr(config, key, None)
+            _check_requested_keys(sub_config if isinstance(sub_config, PreTrainedConfig) else sub_configs[key], value)
+
+
+def _sinkhorn_configs(config: PreTrainedConfig, requested: object) -> list[PreTrainedConfig]:
+    """The configs (``config`` and its sub-configs, at any depth) that ``requested`` asks to run sinkhorn."""
+    own = requested.get("") if isinstance(requested, dict) else requested
+    found = [config] if own == ATTN_IMPLEMENTATION else []
+    for key in getattr(config, "sub_configs", None) or {}:
+        sub_config = getattr(config, key, None)
+        if sub_config is not None:
+            asked = requested.get(key) if isinstance(requested, dict) else requested
+            found += _sinkhorn_configs(sub_config, asked)
+    return found
+
+
+def _verify_sinkhorn_runs(model: PreTrainedModel, requested: object) -> None:
+    """After loading (or switching), every part asked for sinkhorn must have it (its config, and every module
+    holding a config of the same model type: a tower may hold a copy), and no causal attention module may run it
+    (Whisper's decoder, also when a saved config brings sinkhorn: refused here rather than at its first forward)."""
+    holders = [module for module in model.modules() if isinstance(getattr(module, "config", None), PreTrainedConfig)]
+    asked = _sinkhorn_configs(model.config, requested)
+    asked_types = {config.model_type for config in asked}
+    configs = asked + [module.config for module in holders if module.config.model_type in asked_types]
+    missed = [config for config in configs if compat.config_attn_implementation(config) != ATTN_IMPLEMENTATION]
+    if missed:
+        check_supported(missed[0], type(model).__name__)  # a refused family: say why
+        raise RuntimeError(
+            f"attn_implementation={requested!r} asked for sinkhorn, yet {type(model).__name__}'s "
+            f"{missed[0].model_type} config runs {compat.config_attn_implementation(missed[0])!r}: sinkhorn would "
+            "silently not run there."
+        )
+    for module in holders:
+        if getattr(module, "is_causal", False) is True and compat.config_attn_implementation(module.config) == (
+            ATTN_IMPLEMENTATION
+        ):
+            _refuse_causal(module, True)
 
 
 def _persist_attn_implementation(config: PreTrainedConfig, output: dict) -> None:
@@ -178,6 +260,7 @@ def register() -> None:
     # Without a registered mask function transformers passes attention_mask=None: padding would get mass.
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
     compat.patch_attn_implementation_check(_check_sinkhorn_request)
+    compat.patch_attn_implementation_request(_check_requested_keys, _verify_sinkhorn_runs)
     # class-level defaults make from_pretrained(..., sinkhorn_iterations=5) land in the config
     compat.set_config_class_defaults(
         dict(zip(SETTING_ATTRIBUTES, dataclasses.astuple(SinkhornSettings()), strict=True))

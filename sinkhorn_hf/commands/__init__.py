@@ -4,7 +4,23 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
+
+from ..user_errors import ShortUsageParser, UsageError, UserError
+
+
+class CommandParser(ShortUsageParser):
+    """A subcommand's parser: every ``--long-option`` is also accepted as ``--long_option`` (and the other way
+    round), as the fine-tuning scripts spell their flags; errors as :class:`ShortUsageParser`."""
+
+    def add_argument(self, *names: str, **kwargs: Any) -> argparse.Action:
+        other = [_other_spelling(name) for name in names if name.startswith("--")]
+        return super().add_argument(*names, *(name for name in other if name not in names), **kwargs)
+
+
+def _other_spelling(option: str) -> str:
+    body = option[2:]
+    return "--" + (body.replace("-", "_") if "-" in body else body.replace("_", "-"))
 
 
 def add_command(
@@ -21,6 +37,7 @@ def add_command(
     return parser
 
 
-def fail(command: str, error: object) -> NoReturn:
-    """Leave with ``sinkhorn-hf COMMAND: error: ...`` (exit status 1), as argparse words its own errors."""
-    raise SystemExit(f"sinkhorn-hf {command}: error: {error}") from None
+def fail(error: object, usage: bool = False) -> NoReturn:
+    """Leave with ``sinkhorn-hf COMMAND: error: ...``, exit status 1 (2 with ``usage``: a bad flag value): a
+    :class:`UserError` for the console script's one-line handler, chained to ``error`` for ``--debug``."""
+    raise (UsageError if usage else UserError)(str(error)) from (error if isinstance(error, BaseException) else None)

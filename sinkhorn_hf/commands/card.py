@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from ..hub.card import CardError, write_card
 
     if not args.run_dir.is_dir():
-        fail("card", f"run directory {args.run_dir} does not exist")
+        fail(f"RUN_DIR {args.run_dir}: this folder does not exist", usage=True)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
                 template_path=args.template,
             )
     except CardError as error:
-        fail("card", error)
+        fail(error)
     for warning in caught:
         print(f"sinkhorn-hf card: warning: {warning.message}", file=sys.stderr)
     print(f"wrote {path}")

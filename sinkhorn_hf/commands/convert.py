@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             command=shlex.join(command),
         )
     except (ConversionError, UnsupportedModelError) as error:
-        fail("convert", error)
+        fail(error)
     where = f" (Hub commit {report.revision})" if report.revision else ""
     print(f"converted {report.source}{where} -> {report.output_dir}")
     print(f"attention: sinkhorn, iterations={report.settings.iterations}, tolerance={report.settings.tolerance}")

@@ -67,7 +67,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def check_output_dir(output_dir: Path, overwrite: bool) -> None:
     """Refuse a file, or a non-empty folder that is not an earlier demo output, unless ``overwrite``."""
     if output_dir.exists() and not output_dir.is_dir():
-        fail("demo", f"--output_dir {output_dir} exists and is not a directory")
+        fail(f"--output_dir {output_dir} exists and is not a directory")
     if overwrite or not output_dir.is_dir():
         return
     entries = {p.name for p in output_dir.iterdir() if not p.name.startswith(_STAGING_PREFIX)}
@@ -77,7 +77,6 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
         return
     foreign = sorted(entries - set(ENTRIES)) or sorted(entries)
     fail(
-        "demo",
         f"--output_dir {output_dir} is not empty and is not an earlier demo output (it holds {', '.join(foreign[:5])}"
         f"{', ...' if len(foreign) > 5 else ''}); choose another folder, or pass --overwrite to replace only the "
         f"demo's own entries ({', '.join(ENTRIES)}) there",
@@ -181,11 +180,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         SinkhornSettings(iterations=args.sinkhorn_iterations)
     except ValueError as error:
-        fail("demo", error)
+        fail(error, usage=True)
     for flag in ("num_train_epochs", "max_train_samples"):
         value = getattr(args, flag)
         if value is not None and value < 1:
-            fail("demo", f"--{flag} must be >= 1, got {value}")
+            fail(f"--{flag} must be >= 1, got {value}", usage=True)
     output_dir = args.output_dir
     check_output_dir(output_dir, args.overwrite)
     created = not output_dir.exists()

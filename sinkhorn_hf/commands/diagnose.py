@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from . import add_command
+from ..user_errors import check_checkpoint_dir
+from . import add_command, fail
 
 # The sentences diagnosed when no --text-file is given (README quotes their numbers for MiniLM-L6).
 BUILT_IN_SENTENCES = (
@@ -33,20 +34,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_checkpoint_dir(args.model, "MODEL")
+    if args.max_length < 1:
+        fail(f"--max-length must be >= 1, got {args.max_length}", usage=True)
+    if args.text_file is not None:
+        if not args.text_file.is_file():
+            fail(f"--text-file {args.text_file} does not exist", usage=True)
+        sentences = [line.strip() for line in args.text_file.read_text().splitlines() if line.strip()]
+        if not sentences:
+            fail(f"--text-file {args.text_file} has no non-empty line", usage=True)
+    else:
+        sentences = list(BUILT_IN_SENTENCES)
+
     from transformers import AutoModel, AutoTokenizer
 
     from ..attention.diagnostics import plot_column_spread, softmax_marginals
 
-    if args.text_file is not None:
-        if not args.text_file.is_file():
-            raise SystemExit(f"--text-file {args.text_file} does not exist")
-        sentences = [line.strip() for line in args.text_file.read_text().splitlines() if line.strip()]
-        if not sentences:
-            raise SystemExit(f"--text-file {args.text_file} has no non-empty line")
-    else:
-        sentences = list(BUILT_IN_SENTENCES)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModel.from_pretrained(args.model).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModel.from_pretrained(args.model).eval()
+    except OSError as error:  # transformers' word for a model it cannot find or read (a Hub id offline, ...)
+        fail(f"cannot load {args.model}: {error}")
     inputs = tokenizer(sentences, padding=True, truncation=True, max_length=args.max_length, return_tensors="pt")
     report = softmax_marginals(model, **inputs)
     print("layer  std(col sums)  max|col sum-1|")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..hub.export import DEFAULT_TOLERANCE
+from ..user_errors import check_checkpoint_dir
 from . import add_command, fail
 
 
@@ -34,12 +35,13 @@ def run(args: argparse.Namespace) -> int:
     from ..families import UnsupportedModelError
     from ..hub.export import ExportError, export_onnx
 
+    check_checkpoint_dir(args.model, "MODEL")
     try:
         report = export_onnx(args.model, args.output, overwrite=args.overwrite, tolerance=args.tolerance)
     except (ExportError, UnsupportedModelError) as error:
-        fail("export", error)
+        fail(error)
     except ImportError as error:
-        fail("export", f"{error} (pip install onnx onnxscript onnxruntime)")
+        fail(f"{error} (pip install onnx onnxscript onnxruntime)")
     settings = report.settings
     print(f"exported {report.source} -> {report.output}")
     print(f"attention: sinkhorn, iterations={settings.iterations}, tolerance={settings.tolerance}")

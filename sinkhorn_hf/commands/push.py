@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
             dry_run=args.dry_run,
         )
     except PushError as error:
-        fail("push", error)
+        fail(error)
     sizes = {name: (args.run_dir / name).stat().st_size for name in report.files}
     verb = "would upload" if args.dry_run else "uploaded"
     print(f"{verb} {len(report.files)} files ({_size(sum(sizes.values()))}) to {args.repo_id}:")

@@ -3,6 +3,10 @@
 Reads what the run directory holds (config.json; results.json from the trainer; sinkhorn_conversion.json from
 :func:`~sinkhorn_hf.hub.convert`) and renders it with huggingface_hub's ``ModelCard``/``ModelCardData``, so
 the metadata block (base model, tags, datasets, ``model-index`` eval results) is the Hub's own format.
+
+A card claims a Hub dataset's split in ``model-index`` only when the run evaluated all of it, from the Hub; a run
+on local files or on a subset names those and the number of examples instead (:func:`evaluation_claim`). Whatever
+a model's files or results hold is escaped (text, code, fences) or validated (class names are identifiers).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import importlib.resources
 import json
 import re
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from .. import __version__
 from ..adjoint import FORWARD_CHANGING_SCHEMES, SCALE_ATTRIBUTE
 from ..attention.settings import SinkhornSettings
+from ..families import UnsupportedModelError
 from ..training.results import RESULTS_FILE, ResultsError, RunResults
 from ..training.tasks.glue import GLUE_TASKS
 from .convert import CONFIG_NAME, CONVERSION_RECORD
@@ -93,25 +98,28 @@ def build_card(
     settings = SinkhornSettings.from_config(config) if sinkhorn else None
     if results is not None:
         _check_results_match_config(results, config, settings)
-    kind = model_kind(config)
+    try:
+        kind = model_kind(config)
+    except UnsupportedModelError as error:
+        raise CardError(f"{run_dir}: {error}") from None
     title = repo_id.split("/")[-1] if repo_id else run_dir.resolve().name
     base_id, base_text = _base_model(base_model, results, conversion)
-    dataset_type, dataset_id, dataset_config, dataset_name = _dataset(results) if results else (None,) * 4
+    claim = evaluation_claim(results) if results else None
     scores = _scores(results) if results else []
     task_type = kind.pipeline_tag or "text-classification"
     eval_results = [
         EvalResult(
             task_type=task_type,
             task_name=task_type.replace("-", " ").capitalize(),
-            dataset_type=dataset_type,
-            dataset_name=dataset_name,
-            dataset_config=dataset_config,
-            dataset_split=split,
+            dataset_type=claim.dataset_type,
+            dataset_name=claim.entry_name(split, count),
+            dataset_config=claim.config if claim.kind == "canonical" else None,
+            dataset_split=split if claim.kind == "canonical" else None,
             metric_type=_METRIC_IDS.get(metric, metric),
             metric_name=_METRIC_NAMES.get(metric, metric),
             metric_value=value,
         )
-        for metric, split, value in scores
+        for metric, split, value, count in scores
     ]
     card_data = ModelCardData(
         base_model=base_id,
@@ -119,8 +127,8 @@ def build_card(
         license=license,
         pipeline_tag=kind.pipeline_tag,
         tags=SINKHORN_TAGS if sinkhorn else None,
-        datasets=[dataset_id] if dataset_id else None,
-        metrics=sorted({_METRIC_IDS.get(metric, metric) for metric, _, _ in scores}) or None,
+        datasets=[claim.hub_id] if claim and claim.hub_id else None,
+        metrics=sorted({_METRIC_IDS.get(metric, metric) for metric, *_ in scores}) or None,
         model_name=title if eval_results else None,  # model-index names the model; nothing else uses it
         eval_results=eval_results or None,
     )
@@ -137,9 +145,12 @@ def build_card(
         settings_rows=[(f"sinkhorn_{name}", value) for name, value in asdict(settings).items()] if settings else [],
         conversion=conversion,
         results=results,
-        dataset_name=dataset_name,
+        claim=claim,
         local_data=_local_data(results) if results else None,
-        metric_rows=[(_METRIC_NAMES.get(metric, metric), split, f"{value:.4f}") for metric, split, value in scores],
+        metric_rows=[
+            (_METRIC_NAMES.get(metric, metric), split, "" if count is None else count, f"{value:.4f}")
+            for metric, split, value, count in scores
+        ],
         lora=_describe(results.lora) if results and results.lora else None,
         kind=kind,
         has_preprocessor=_has_preprocessor(run_dir, kind.is_text),
@@ -183,6 +194,10 @@ def _adjoint_context(results: RunResults | None, config: Any) -> dict[str, Any]:
     adjoint = results.adjoint if results else None
     scheme = adjoint.get("scheme") if isinstance(adjoint, dict) else adjoint
     residual_scale = getattr(config, SCALE_ATTRIBUTE, None)
+    if residual_scale is not None and (
+        isinstance(residual_scale, bool) or not isinstance(residual_scale, (int, float))
+    ):
+        raise CardError(f"config.json {SCALE_ATTRIBUTE} must be a number, got {residual_scale!r}")
     if residual_scale in (None, 1, 1.0):
         residual_scale = None
     return {
@@ -287,26 +302,65 @@ def _base_model(
     return None, candidate
 
 
-def _dataset(results: RunResults) -> tuple[str, str | None, str | None, str]:
-    """(model-index dataset type, Hub dataset id or None, its configuration, a readable name) of the run's data.
+@dataclass(frozen=True)
+class EvaluationClaim:
+    """What a card may say the run was evaluated on. ``kind``:
 
-    ``dataset`` is a Hub id, optionally with its configuration (``nyu-mll/glue/sst2``), or local file(s)."""
+    - ``canonical``: the whole split(s) of the Hub dataset ``hub_id`` (configuration ``config``): ``model-index``
+      names the dataset and the split;
+    - ``subset``: part of a split (``--max_eval_samples``, a held-out part of train, or a results.json that does
+      not say), or ``local``: local files. ``model-index`` then names no Hub dataset or split; each entry's name
+      says what was evaluated and on how many examples.
+
+    ``hub_id`` is the Hub dataset the data came from (the metadata's ``datasets``), None for local files; ``name``
+    the readable name of the data."""
+
+    name: str
+    hub_id: str | None
+    config: str | None
+    kind: str
+    partial: bool = False  # local files of which a seeded subset was evaluated
+
+    @property
+    def dataset_type(self) -> str:
+        """model-index ``dataset.type``: the Hub id of a canonical split, else a word no Hub dataset links to."""
+        return self.hub_id if self.kind == "canonical" else f"{self.kind}-evaluation"
+
+    def entry_name(self, split: str | None, count: int | None) -> str:
+        """model-index ``dataset.name``: the data, and for a non-canonical evaluation the split and the count."""
+        if self.kind == "canonical":
+            return self.name
+        examples = f": {count} examples" if count is not None else ""
+        if self.kind == "subset" or self.partial:
+            return f"a subset of {self.name} {split or ''}".rstrip() + examples
+        return f"{self.name}{examples}"
+
+
+def evaluation_claim(results: RunResults) -> EvaluationClaim:
+    """:class:`EvaluationClaim` of ``results``. ``dataset`` is a Hub id, optionally with its configuration
+    (``nyu-mll/glue/sst2``), or local file(s); a split is canonical only when it is a plain split name, the data
+    came from the Hub and ``eval_subset`` is recorded False."""
     task, dataset = results.task_name, results.dataset
+    local = _local_data(results) is not None
+    hub_id = config = None
     if task in GLUE_TASKS:
-        hub_id = _DATASETS["glue"][0]
-        return hub_id, hub_id, task, f"GLUE {GLUE_TASKS[task].title}"
-    hub_name = dataset if isinstance(dataset, str) and _local_data(results) is None else None
-    for name in (hub_name, task):
-        if name is not None and name.lower() in _DATASETS:
-            hub_id, pretty = _DATASETS[name.lower()]
-            return hub_id, hub_id, None, pretty
-    if hub_name is not None:
-        parts = hub_name.split("/")
-        repo, config = ("/".join(parts[:2]), parts[2]) if len(parts) == 3 else (hub_name, None)
-        if _is_hub_id(repo):
-            return repo, repo, config, hub_name
-    name = task or "unknown"
-    return name, None, None, f"{name} (local files)"
+        hub_id, config, name = _DATASETS["glue"][0], task, f"GLUE {GLUE_TASKS[task].title}"
+    else:
+        hub_name = dataset if isinstance(dataset, str) and not local else None
+        known = next((n.lower() for n in (hub_name, task) if n is not None and n.lower() in _DATASETS), None)
+        if known is not None:
+            hub_id, name = _DATASETS[known]
+        elif hub_name is not None and _is_hub_id("/".join(hub_name.split("/")[:2])):
+            parts = hub_name.split("/")
+            hub_id, config, name = "/".join(parts[:2]), parts[2] if len(parts) == 3 else None, hub_name
+        else:
+            name = task or "unknown"
+    if local:
+        return EvaluationClaim(f"{name} (local files)", None, None, "local", partial=results.eval_subset is True)
+    splits = [results.eval_split] if isinstance(results.eval_split, str) else results.eval_split or []
+    plain = bool(splits) and all(re.fullmatch(r"[A-Za-z0-9_.-]+", split) for split in splits)
+    whole = hub_id is not None and plain and results.eval_subset is False
+    return EvaluationClaim(name, hub_id, config, "canonical" if whole else "subset")
 
 
 def _local_data(results: RunResults) -> str | None:
@@ -319,15 +373,20 @@ def _local_data(results: RunResults) -> str | None:
     return None
 
 
-def _scores(results: RunResults) -> list[tuple[str, str | None, float]]:
-    """(metric, evaluation split, value) for each metric of ``results``.
+def _scores(results: RunResults) -> list[tuple[str, str | None, float, int | None]]:
+    """(metric, evaluation split, value, examples evaluated) for each metric of ``results``.
 
     With several splits (MNLI matched/mismatched) the trainer names the first split's metrics plainly and
-    appends a suffix per further split (``accuracy``, ``accuracy_mm``); suffixes map to splits in order."""
+    appends a suffix per further split (``accuracy``, ``accuracy_mm``; ``num_samples``, ``num_samples_mm``);
+    suffixes map to splits in order."""
     metrics, splits = results.metrics, results.eval_split
     splits = [splits] if splits is None or isinstance(splits, str) else splits
+
+    def count(suffix: str) -> int | None:
+        return results.num_eval_samples.get(f"num_samples{suffix}")
+
     if len(splits) <= 1:
-        return [(metric, splits[0] if splits else None, value) for metric, value in metrics.items()]
+        return [(metric, splits[0] if splits else None, value, count("")) for metric, value in metrics.items()]
     parsed = []
     for key, value in metrics.items():
         base = next((b for b in metrics if key != b and key.startswith(b + "_")), key)
@@ -339,7 +398,7 @@ def _scores(results: RunResults) -> list[tuple[str, str | None, float]]:
             f"({', '.join(metrics)}) do not split into as many groups (a plain name per metric, then one suffix "
             "per further split)"
         )
-    return [(base, splits[suffixes.index(suffix)], value) for base, suffix, value in parsed]
+    return [(base, splits[suffixes.index(suffix)], value, count(suffix)) for base, suffix, value in parsed]
 
 
 def _describe(value: Any) -> str:

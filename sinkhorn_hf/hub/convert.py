@@ -252,10 +252,11 @@ def _read_config(source_dir: Path, source: str) -> tuple[dict, Any, ModelKind]:
         config = AutoConfig.from_pretrained(source_dir)
     except (OSError, ValueError, KeyError) as error:
         raise ConversionError(f"{source}/{CONFIG_NAME} cannot be read by transformers: {error}") from None
-    if getattr(config, "sub_configs", None):
+    parts = [key for key in getattr(config, "sub_configs", None) or {} if getattr(config, key, None) is not None]
+    if parts:  # (a sub-config left None is no part: ESM without ESMFold)
         raise UnsupportedModelError(
             f"{source} is a composite model (model_type={config.model_type!r}, parts: "
-            f"{', '.join(config.sub_configs)}); convert handles single-encoder checkpoints. Convert the vision "
+            f"{', '.join(parts)}); convert handles single-encoder checkpoints. Convert the vision "
             f"tower alone, or load the composite model with attn_implementation="
             '{"vision_config": "sinkhorn", "text_config": "sdpa"}.'
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..families import TEXT_FAMILIES
+from ..families import TEXT_FAMILIES, UnsupportedModelError
 
 # First match wins; the names are transformers' own tables, so new architectures need no edit here.
 _HEADS = (
@@ -36,11 +36,20 @@ class ModelKind:
 
 
 def model_kind(config: Any) -> ModelKind:
-    """Read ``config.model_type`` and ``config.architectures[0]`` (a bare encoder when absent)."""
+    """Read ``config.model_type`` and ``config.architectures[0]`` (a bare encoder when absent). An architecture
+    that is not a class name (an ASCII Python identifier) raises :class:`~sinkhorn_hf.UnsupportedModelError`: it
+    goes into generated code (a model card's loading snippet) and is never trusted as text."""
     from ..compat import auto_mapping_names
 
     is_text = config.model_type in TEXT_FAMILIES
     architectures = getattr(config, "architectures", None) or []
+    if architectures and not (
+        isinstance(architectures[0], str) and architectures[0].isascii() and architectures[0].isidentifier()
+    ):
+        raise UnsupportedModelError(
+            f"config.json names the architecture {architectures[0]!r}, which is not a class name (a Python "
+            "identifier such as BertForSequenceClassification)"
+        )
     if architectures:
         for table, auto_class, pipeline_tag in _HEADS:
             names = auto_mapping_names(table).get(config.model_type, ())

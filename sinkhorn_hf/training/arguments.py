@@ -209,8 +209,17 @@ class TrainerArguments:
             "over valid tokens (and Sinkhorn's column error), logged and written to results.json with a picture"
         },
     )
-    with_tracking: bool = field(default=False, metadata={"help": "log to accelerate trackers (--report_to)"})
-    report_to: str = field(default="tensorboard", metadata={"help": "accelerate tracker(s), comma-separated"})
+    with_tracking: bool = field(
+        default=False,
+        metadata={"help": "log to accelerate trackers: --report_to, or tensorboard under OUTPUT_DIR/runs"},
+    )
+    report_to: str | None = field(
+        default=None,
+        metadata={
+            "help": "accelerate tracker(s), comma-separated (tensorboard, wandb, ...); naming one turns tracking on, "
+            "'none' turns it off"
+        },
+    )
     early_stopping_patience: int | None = field(
         default=None, metadata={"help": "stop after this many evaluations without improvement"}
     )
@@ -232,6 +241,13 @@ class TrainerArguments:
                 "give --resume_from_checkpoint (continue the run in --output_dir) or --overwrite_output_dir (start "
                 "anew, moving its checkpoints aside), not both"
             )
+        # Asking for a tracker turns tracking on (as transformers' Trainer does); tracking alone means tensorboard.
+        if self.report_to is not None and self.report_to.strip().lower() in ("", "none"):
+            self.report_to, self.with_tracking = None, False
+        elif self.report_to is not None:
+            self.with_tracking = True
+        elif self.with_tracking:
+            self.report_to = "tensorboard"
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id (e.g. user/bert-sinkhorn-sst2)")
         if self.checkpointing_steps is not None and self.checkpointing_steps != "epoch":
@@ -259,6 +275,11 @@ class TrainerArguments:
             raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.warmup_ratio and self.num_warmup_steps:
             raise ValueError("give --num_warmup_steps or --warmup_ratio, not both")
+
+    @property
+    def trackers(self) -> list[str] | None:
+        """The accelerate trackers to log with (``log_with``), None without tracking."""
+        return [name.strip() for name in self.report_to.split(",") if name.strip()] if self.with_tracking else None
 
     @property
     def checkpoint_every(self) -> int | None:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from ..families import SUPPORTED_FAMILIES, TEXT_FAMILIES
+from ..user_errors import UsageError
 
 _TEXT_TARGETS = {"distilbert": ("q_lin", "v_lin")}
 _VISION_TARGETS = ("q_proj", "v_proj")
@@ -21,7 +22,7 @@ _HEADS = {"distilbert": ("pre_classifier", "classifier")}
 def default_target_modules(model_type: str) -> tuple[str, ...]:
     """Query and value projections of ``model_type``'s attention (LoRA's usual choice)."""
     if model_type not in SUPPORTED_FAMILIES:
-        raise ValueError(
+        raise UsageError(
             f"no default LoRA target modules for model_type={model_type!r}; pass --lora_target_modules "
             f"(supported families: {', '.join(SUPPORTED_FAMILIES)})"
         )
@@ -49,7 +50,7 @@ def apply_lora(
     linear_names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     missing = [t for t in targets if t not in linear_names]
     if missing:
-        raise ValueError(
+        raise UsageError(
             f"--lora_target_modules {','.join(missing)} match no linear layer of this {model_type} model; "
             f"its linear layers are named: {', '.join(sorted(linear_names))}"
         )

@@ -8,6 +8,7 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedConfig
 
 from ..attention import register
+from ..user_errors import UsageError
 from .arguments import ModelArguments
 from .lora import apply_lora
 
@@ -30,10 +31,17 @@ def load_config(model_args: ModelArguments, **config_kwargs: Any) -> PreTrainedC
             if not hasattr(config, item.split("=", 1)[0].strip())
         ]
         if unknown:
-            raise ValueError(
+            raise UsageError(
                 f"--config_overrides names attributes {unknown} that a {config.model_type} config does not have"
             )
         config.update_from_string(model_args.config_overrides)
+        if model_args.model_name_or_path is None and model_args.config_name is None:
+            # a fresh config is rebuilt with the overrides as arguments: fields derived at construction follow
+            # them (ModernBERT's layer_types has one entry per layer, computed from num_hidden_layers)
+            overrides = {item.split("=", 1)[0].strip() for item in model_args.config_overrides.split(",")}
+            config = AutoConfig.for_model(
+                model_args.model_type, **config_kwargs, **{name: getattr(config, name) for name in overrides}
+            )
     return config
 
 

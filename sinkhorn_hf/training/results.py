@@ -43,15 +43,17 @@ class RunInfo:
     adjoint: str | bool | dict | None = None
     lora: dict | None = None
     eval_split: str | list[str] | None = None
+    eval_subset: bool | None = None  # evaluated on a seeded subset (--max_eval_samples below the split's size)
     seed: int | None = None
     long_text_strategy: str | None = None  # IMDB only
-    max_length: int | None = None  # IMDB only
+    max_length: int | None = None  # text tasks: tokens per example (per chunk)
 
 
 @dataclass(kw_only=True)
 class RunResults(RunInfo):
     """A whole ``results.json``. ``metrics`` are the last evaluation's (a suffix per further split, e.g.
-    ``accuracy_mm``); ``train_loss`` is the last logged mean training loss (None when no step was logged)."""
+    ``accuracy_mm``); ``num_eval_samples`` the examples each split evaluated (``num_samples``, ``num_samples_mm``);
+    ``train_loss`` is the mean training loss of the last logging window (None when no step ran)."""
 
     metrics: dict[str, float]
     num_eval_samples: dict[str, int] = field(default_factory=dict)
@@ -155,7 +157,7 @@ def run_info(
     lora_targets: tuple[str, ...] | None = None,
     **task_fields: Any,
 ) -> RunInfo:
-    """The :class:`RunInfo` of a script run; ``task_fields`` are a task's own fields (IMDB's max_length...)."""
+    """The :class:`RunInfo` of a script run; ``task_fields`` are a task's own fields (max_length, eval_subset...)."""
     lora = None
     if model_args.lora_r is not None:
         lora = {

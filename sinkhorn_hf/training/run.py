@@ -1,19 +1,34 @@
 """``run_task``: accelerator, data, config, model, trainer and results.json for any fine-tuning task.
 
 Every script is ``main(TASK)``: a :class:`Task` says how to read its data arguments into a :class:`TaskData`
-(datasets, processor, metrics) and how to batch them; everything else is the same for every task.
+(datasets, processor, metrics) and how to batch them; everything else is the same for every task. ``main`` checks
+the command line (flag values, that named paths exist, that the model can be found) before anything heavy runs,
+and reports a user mistake in one line (:mod:`sinkhorn_hf.user_errors`; ``--debug`` for the traceback).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..adjoint import InexactAdjointError
+from ..families import UnsupportedModelError
+from ..user_errors import (
+    ShortUsageMixin,
+    UsageError,
+    check_checkpoint_dir,
+    check_local_path,
+    debug_requested,
+    is_main_process,
+    one_line_errors,
+)
 from .arguments import ModelArguments, TrainerArguments
-from .checkpoints import check_run_start
+from .checkpoints import CheckpointError, OutOfSpaceError, check_run_start
 from .metrics import MetricFn
+from .output_lock import OutputDirInUseError
 from .results import RunResults, run_info
 
 
@@ -125,18 +140,71 @@ def _push(trainer_args: TrainerArguments) -> None:
 
 
 def task_parser(task: Task) -> Any:
-    """The ``HfArgumentParser`` of a script: model, data and trainer arguments."""
+    """The ``HfArgumentParser`` of a script: model, data and trainer arguments; a command-line error prints a
+    one-line usage hint and the error (:class:`~sinkhorn_hf.user_errors.ShortUsageMixin`)."""
     from transformers import HfArgumentParser
 
-    return HfArgumentParser((ModelArguments, task.data_arguments, TrainerArguments))
+    class ScriptParser(ShortUsageMixin, HfArgumentParser):
+        pass
+
+    return ScriptParser(
+        (ModelArguments, task.data_arguments, TrainerArguments),
+        epilog="A mistake is reported in one line; add --debug (or set SINKHORN_HF_DEBUG=1) for the full traceback.",
+    )
+
+
+def check_sources(model_args: ModelArguments, data_args: Any, trainer_args: TrainerArguments) -> None:
+    """Before any heavy work: every local path a flag names exists (data files and folders, the model, its config,
+    tokenizer or processor, an explicit checkpoint), and a model that is not a local folder can be found (its
+    config loads from the Hub or the cache). Raises :class:`~sinkhorn_hf.user_errors.UsageError` naming the flag."""
+    for item in fields(data_args):
+        value = getattr(data_args, item.name)
+        if item.name.endswith(("_file", "_dir")) and value is not None and not Path(value).expanduser().exists():
+            raise UsageError(f"--{item.name} {value}: this file does not exist")
+    check_checkpoint_dir(model_args.model_name_or_path, "--model_name_or_path")
+    check_local_path(model_args.config_name, "--config_name")
+    check_local_path(model_args.tokenizer_name, "--tokenizer_name")
+    check_local_path(model_args.image_processor_name, "--image_processor_name")
+    resume = trainer_args.resume_from_checkpoint
+    if resume not in (None, "latest") and not Path(resume).expanduser().is_dir():
+        raise UsageError(
+            f"--resume_from_checkpoint {resume}: no such checkpoint folder (give a checkpoint's folder, or 'latest')"
+        )
+    name = model_args.model_name_or_path
+    if name is not None and not Path(name).expanduser().exists():
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.from_pretrained(name)
+        except (OSError, ValueError) as error:
+            raise UsageError(f"--model_name_or_path {name}: not a local folder, and not loadable: {error}") from error
+
+
+def _quiet_library_bars() -> None:
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
+# Mistakes the training code reports with its own exception types, shown as one line (exit status 1).
+RUN_ERRORS = (CheckpointError, OutOfSpaceError, OutputDirInUseError, UnsupportedModelError, InexactAdjointError)
 
 
 def main(task: Task, argv: Sequence[str] | None = None) -> RunResults:
-    """A script's body: parse the command line (``argv``, default sys.argv) and :func:`run_task`. A flag value
-    the argument dataclasses refuse is a usage error (argparse's message and exit status 2), not a traceback."""
+    """A script's body: parse the command line (``argv``, default sys.argv; ``--debug`` anywhere shows full
+    tracebacks), check it (:func:`check_sources`) and :func:`run_task`. A flag value the argument dataclasses refuse
+    is a usage error (a one-line usage hint, the message, exit status 2); a user mistake found later is one line,
+    exit status 1 (:data:`RUN_ERRORS` and every :class:`~sinkhorn_hf.user_errors.UserError`)."""
+    argv, debug = debug_requested(sys.argv[1:] if argv is None else argv)
+    if not sys.stderr.isatty():  # a log file: no carriage-return bars from the libraries either
+        _quiet_library_bars()
     parser = task_parser(task)
     try:
         arguments = parser.parse_args_into_dataclasses(argv)
     except ValueError as error:
         parser.error(str(error))
-    return run_task(task, *arguments)
+    with one_line_errors(parser.prog, debug=debug, also=RUN_ERRORS, quiet=not is_main_process()):
+        check_sources(*arguments)
+        return run_task(task, *arguments)

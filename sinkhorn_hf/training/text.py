@@ -9,43 +9,47 @@ from typing import Any
 import datasets
 
 from .arguments import ModelArguments
+from .files import DataError, row_location
 
 
 def check_columns(dataset: datasets.Dataset, needed: Sequence[str], where: str, hint: str) -> None:
     missing = [c for c in needed if c not in dataset.column_names]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"{where} lacks column(s) {', '.join(repr(c) for c in missing)} "
             f"(it has: {', '.join(dataset.column_names)}). {hint}"
         )
 
 
 def encode_labels(
-    dataset: datasets.Dataset, label_names: Sequence[str] | None, where: str, column: str = "label"
+    dataset: datasets.Dataset,
+    label_names: Sequence[str] | None,
+    path: str,
+    column: str = "label",
+    header: bool = True,
 ) -> datasets.Dataset:
-    """Labels as class ids (given as ids or as names in ``label_names``), or finite floats for regression (None)."""
+    """Labels as class ids (given as ids or as names in ``label_names``), or finite floats for regression (None).
+    ``dataset`` holds the rows of the local file ``path`` in file order (``header``: it has a header line); a bad
+    label raises :class:`~.files.DataError` naming the file and the line."""
 
-    def convert(row: int, value: str | int | float) -> int | float:
+    def convert(row: int, value: str | int | float | None) -> int | float:
         if label_names is None:
             try:
                 number = float(value)
-            except ValueError as err:
-                raise ValueError(f"{where}: regression label {value!r} is not a number") from err
-            if not math.isfinite(number):
-                raise ValueError(
-                    f"{where}: row {row + 1} (counting data rows from 1) has the regression label {value!r}; "
-                    "labels must be finite numbers"
-                )
+            except (TypeError, ValueError):
+                number = None
+            if number is None or not math.isfinite(number):
+                raise DataError(f"{row_location(path, row, header)}: regression label {value!r} is not a finite number")
             return number
         if isinstance(value, str) and value in label_names:
             return label_names.index(value)
         try:
             index = int(value)
-        except ValueError:
+        except (TypeError, ValueError):
             index = -1
         if not 0 <= index < len(label_names):
             allowed = ", ".join(f"{i} or {name!r}" for i, name in enumerate(label_names))
-            raise ValueError(f"{where}: label {value!r} is not one of: {allowed}")
+            raise DataError(f"{row_location(path, row, header)}: label {value!r} is not one of: {allowed}")
         return index
 
     values = dataset[column]
@@ -54,9 +58,14 @@ def encode_labels(
     return dataset.remove_columns(column).add_column("labels", converted, feature=feature)
 
 
+def cuts(dataset: datasets.Dataset, n: int | None) -> bool:
+    """Whether :func:`subsample` with ``n`` keeps only part of ``dataset``."""
+    return n is not None and n < len(dataset)
+
+
 def subsample(dataset: datasets.Dataset, n: int | None, seed: int) -> datasets.Dataset:
     """A seeded random subset of ``n`` rows (random, not the first n: some files are sorted by label)."""
-    if n is None or n >= len(dataset):
+    if not cuts(dataset, n):
         return dataset
     return dataset.shuffle(seed=seed).select(range(n)).flatten_indices()
 

@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -43,6 +44,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ..adjoint import adjoint_stacks, auto_choices, check_adjoint_under_fsdp, describe_adjoint, restore_auto_choices
+from ..user_errors import UsageError, UserError
 from .arguments import TrainerArguments
 from .checkpoints import (
     TRAINER_STATE_FILE,
@@ -83,8 +85,8 @@ RESUME_SETTINGS = (
 )  # fmt: skip
 
 
-class NonFiniteLossError(RuntimeError):
-    """The training loss became inf or NaN."""
+class NonFiniteLossError(UserError, RuntimeError):
+    """The training loss became inf or NaN (a failed run the user can fix: one line, exit status 1)."""
 
 
 class TrainingInterrupted(SystemExit):
@@ -103,7 +105,7 @@ def make_accelerator(args: TrainerArguments) -> Accelerator:
         cpu=launched and not has_accelerator,
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with=[t.strip() for t in args.report_to.split(",")] if args.with_tracking else None,
+        log_with=args.trackers,
         project_config=ProjectConfiguration(
             project_dir=args.output_dir, logging_dir=str(Path(args.output_dir) / "runs")
         ),
@@ -111,14 +113,14 @@ def make_accelerator(args: TrainerArguments) -> Accelerator:
     )
     if accelerator.num_processes == 1 and "MASTER_ADDR" in os.environ and "LOCAL_RANK" not in os.environ:
         # `accelerate launch --cpu --num_processes N` (N > 1) starts one process and expects mpirun to start the rest.
-        raise RuntimeError(
+        raise UsageError(
             "this process was launched for distributed training but runs alone: `accelerate launch --cpu "
             "--num_processes N` needs MPI (--mpirun_hostfile). For N CPU processes use `accelerate launch "
             "--multi_gpu --num_processes N` (no GPU needed) or `torchrun --nproc_per_node N`."
         )
     if parse_flag_from_env("ACCELERATE_USE_FSDP") and accelerator.distributed_type != DistributedType.FSDP:
         # accelerate turns FSDP on for accelerator devices only, and otherwise ignores the request.
-        raise RuntimeError(
+        raise UsageError(
             "FSDP was asked for (`accelerate launch --use_fsdp`), but accelerate runs FSDP on GPUs (and other "
             f"accelerators) only: here it would train as {accelerator.distributed_type.value}, with every parameter "
             "whole on every process. On CPUs use `accelerate launch --multi_gpu --num_processes N` (DDP)."
@@ -305,7 +307,7 @@ class Trainer:
         metrics: dict[str, float] = {}
         for suffix, loader in self.eval_loaders.items():
             logits, labels, ids = [], [], []
-            for batch in tqdm(loader, desc=f"eval{suffix}", leave=False, disable=not acc.is_local_main_process):
+            for batch in tqdm(loader, desc=f"eval{suffix}", leave=False, disable=not self._show_bars()):
                 example_ids = batch.pop(EXAMPLE_ID, None)
                 with torch.no_grad():
                     out = self.model(**batch)
@@ -459,7 +461,7 @@ class Trainer:
             acc.init_trackers("sinkhorn_hf", config=hparams)
         every_ckpt, every_eval = args.checkpoint_every, args.eval_steps
         progress = tqdm(
-            total=self.max_steps, initial=state.completed_steps, desc="train", disable=not acc.is_local_main_process
+            total=self.max_steps, initial=state.completed_steps, desc="train", disable=not self._show_bars()
         )
         running_loss, running_batches = torch.zeros((), device=acc.device), 0
         first_step = state.completed_steps + 1  # of this process: the adjoint's choice is printed after it
@@ -495,14 +497,7 @@ class Trainer:
                 if self.marginals and (record := self.marginals.maybe_track(state.completed_steps)):
                     acc.log(flat_metrics(record), step=state.completed_steps)
                 if state.completed_steps % args.logging_steps == 0:
-                    mean_loss = acc.gather(running_loss).mean().item() / running_batches
-                    acc.log(
-                        {"train/loss": mean_loss, "train/learning_rate": self.scheduler.get_last_lr()[0]},
-                        step=state.completed_steps,
-                    )
-                    state.train_loss = mean_loss
-                    progress.set_postfix(loss=f"{mean_loss:.4f}")
-                    running_loss.zero_()
+                    self._log_loss(running_loss, running_batches, progress)
                     running_batches = 0
                 if every_eval and state.completed_steps % every_eval == 0:
                     self._evaluate_and_track()
@@ -519,6 +514,8 @@ class Trainer:
                     self._evaluate_and_track()
                 if args.checkpointing_steps == "epoch":
                     self._save_checkpoint()
+        if running_batches:  # the steps after the last logging window: train_loss is never left unset
+            self._log_loss(running_loss, running_batches, progress)
         progress.close()
         if state.last_eval_step != state.completed_steps:
             self._evaluate_and_track()
@@ -528,6 +525,28 @@ class Trainer:
         results = self._finish()
         acc.end_training()
         return results
+
+    def _show_bars(self) -> bool:
+        """Progress bars on the main process when stderr is a terminal. In a log file (CI, ``| tee``) a bar's
+        carriage returns would run into the evaluation lines: there each logging window prints a line instead."""
+        return self.accelerator.is_local_main_process and sys.stderr.isatty()
+
+    def _log_loss(self, running_loss: torch.Tensor, running_batches: int, progress: Any) -> None:
+        """Log the mean loss over the ``running_batches`` batches summed in ``running_loss`` (all processes), keep it
+        as ``train_loss`` and reset the sum."""
+        mean_loss = self.accelerator.gather(running_loss).mean().item() / running_batches
+        self.accelerator.log(
+            {"train/loss": mean_loss, "train/learning_rate": self.scheduler.get_last_lr()[0]},
+            step=self.state.completed_steps,
+        )
+        self.state.train_loss = mean_loss
+        progress.set_postfix(loss=f"{mean_loss:.4f}")
+        if self.accelerator.is_local_main_process and not self._show_bars():  # a log file: a line per window
+            lr = self.scheduler.get_last_lr()[0]
+            tqdm.write(
+                f"step {self.state.completed_steps}/{self.max_steps}: loss={mean_loss:.4g}, learning_rate={lr:.3g}"
+            )
+        running_loss.zero_()
 
     def _marginal_tracker(self) -> MarginalTracker | None:
         """``--track_attention_marginals``: a tracker on the first evaluation batch, on the main process only; it

@@ -35,7 +35,8 @@ def run_dir(saved_run, tmp_path) -> Path:
 
 
 def test_card_metadata_is_what_huggingface_hub_parses(run_dir):
-    write_results(run_dir, trainer_results())
+    """A run evaluated on the whole validation split of the Hub's GLUE SST-2 claims it in model-index."""
+    write_results(run_dir, trainer_results(dataset="nyu-mll/glue/sst2", eval_subset=False))
     path = write_card(run_dir)
     card = ModelCard.load(path)  # parses the YAML and the model-index, raising on anything malformed
     data = card.data
@@ -73,7 +74,7 @@ def test_card_body_has_settings_command_results_and_citations(run_dir):
     text = write_card(run_dir).read_text()
     assert "| `sinkhorn_iterations` | 3 |" in text and "| `attn_implementation` | `sinkhorn` |" in text
     assert f"```bash\n{trainer_results()['command']}\n```" in text
-    assert "| Accuracy | validation | 0.8761 |" in text
+    assert "| Accuracy | validation | 872 | 0.8761 |" in text
     assert "read from `/data/glue/SST-2/train.tsv, /data/glue/SST-2/dev.tsv`" in text
     assert "| training samples | 8000 |" in text and "| peak memory | 2100 MB (host_max_rss) |" in text
     assert "r=8, alpha=16, target_modules=['query']" in text
@@ -155,7 +156,9 @@ def test_mnli_metrics_go_to_their_splits(run_dir):
         task_name="mnli",
         dataset="nyu-mll/glue/mnli",
         eval_split=["validation_matched", "validation_mismatched"],
+        eval_subset=False,
         metrics={"accuracy": 0.81, "accuracy_mm": 0.82},
+        num_eval_samples={"num_samples": 9815, "num_samples_mm": 9832},
     )
     write_results(run_dir, results)
     data = ModelCard.load(write_card(run_dir)).data
@@ -169,13 +172,64 @@ def test_mnli_metrics_go_to_their_splits(run_dir):
 
 
 def test_hub_dataset_ids(run_dir):
-    write_results(run_dir, trainer_results(task_name="imdb", dataset="stanfordnlp/imdb", eval_split="test"))
+    imdb = trainer_results(task_name="imdb", dataset="stanfordnlp/imdb", eval_split="test", eval_subset=False)
+    write_results(run_dir, imdb)
     data = build_card(run_dir).data
     assert data.datasets == ["stanfordnlp/imdb"] and data.eval_results[0].dataset_name == "IMDB"
+    assert data.eval_results[0].dataset_type == "stanfordnlp/imdb" and data.eval_results[0].dataset_split == "test"
     write_results(run_dir, trainer_results(task_name="reviews", dataset=["/data/reviews.csv"], eval_split="test"))
     card = build_card(run_dir)
-    assert card.data.datasets is None and card.data.eval_results[0].dataset_type == "reviews"
+    assert card.data.datasets is None and card.data.eval_results[0].dataset_type == "local-evaluation"
+    assert card.data.eval_results[0].dataset_name == "reviews (local files): 872 examples"
     assert "reviews (local files)" in card.text
+
+
+def _claims(card) -> set[tuple]:
+    return {(r.dataset_type, r.dataset_config, r.dataset_split) for r in card.data.eval_results}
+
+
+def test_a_subset_evaluation_claims_no_canonical_split_and_states_its_count(run_dir):
+    """32 of SST-2's 872 dev rows (--max_eval_samples 32), from the Hub: no model-index entry names nyu-mll/glue
+    or the validation split; the metadata and the text give the count and say it is a subset."""
+    subset = trainer_results(dataset="nyu-mll/glue/sst2", eval_subset=True, num_eval_samples={"num_samples": 32})
+    write_results(run_dir, subset)
+    card = build_card(run_dir)
+    assert _claims(card) == {("subset-evaluation", None, None)}
+    assert card.data.eval_results[0].dataset_name == "a subset of GLUE SST-2 validation: 32 examples"
+    assert card.data.datasets == ["nyu-mll/glue"]  # the training data did come from there
+    assert "On **a subset** of GLUE SST-2" in card.text and "| Accuracy | validation | 32 | 0.8761 |" in card.text
+    write_results(run_dir, {**subset, "eval_subset": None})  # a results.json that does not say: no claim either
+    assert _claims(build_card(run_dir)) == {("subset-evaluation", None, None)}
+
+
+def test_local_files_claim_no_canonical_split_and_name_the_files(run_dir):
+    write_results(run_dir, trainer_results(eval_subset=False, num_eval_samples={"num_samples": 872}))
+    card = build_card(run_dir)
+    assert _claims(card) == {("local-evaluation", None, None)} and card.data.datasets is None
+    assert card.data.eval_results[0].dataset_name == "GLUE SST-2 (local files): 872 examples"
+    assert "read from `/data/glue/SST-2/train.tsv, /data/glue/SST-2/dev.tsv`" in card.text
+    assert "On the local evaluation file(s) named above" in card.text
+    write_results(run_dir, trainer_results(eval_subset=True, num_eval_samples={"num_samples": 32}))
+    card = build_card(run_dir)  # 32 of the local dev file's rows (--max_eval_samples 32)
+    assert _claims(card) == {("local-evaluation", None, None)}
+    assert card.data.eval_results[0].dataset_name == "a subset of GLUE SST-2 (local files) validation: 32 examples"
+    assert "On **a subset** of the local evaluation file(s)" in card.text
+
+
+def test_an_architecture_that_is_not_a_class_name_is_refused(run_dir):
+    """Issue 17: config.json ``architectures`` goes into the loading snippet's code; a crafted name would close the
+    fence and put HTML into the page."""
+    config = json.loads((run_dir / "config.json").read_text())
+    config["architectures"] = ["Foo\n```\n<script>alert(1)</script>\n```python"]
+    (run_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CardError, match="architecture .* is not a class name"):
+        write_card(run_dir)
+    assert not (run_dir / "README.md").exists()
+    # the other config value the snippet shows: a residual scale must be a number
+    del config["architectures"]
+    (run_dir / "config.json").write_text(json.dumps({**config, "adjoint_residual_scale": "0.5)\n```\n<b>x</b>"}))
+    with pytest.raises(CardError, match="adjoint_residual_scale must be a number"):
+        write_card(run_dir)
 
 
 @pytest.mark.parametrize(
@@ -229,8 +283,9 @@ def test_cli_writes_card_and_reports_errors(run_dir, tmp_path, capsys):
     assert ModelCard.load(run_dir / "README.md").data.license == "apache-2.0"
     with pytest.raises(SystemExit, match="sinkhorn-hf card: error: results file .* does not exist"):
         main(["card", str(run_dir), "--results", str(tmp_path / "missing.json")])
-    with pytest.raises(SystemExit, match="run directory .* does not exist"):
+    with pytest.raises(SystemExit, match="RUN_DIR .*nowhere: this folder does not exist") as stop:
         main(["card", str(tmp_path / "nowhere")])
+    assert stop.value.code == 2
 
 
 INJECTED = "# Heading\n<script>alert(1)</script> | cell ```\n```\n# Heading"
@@ -254,7 +309,7 @@ def test_results_fields_cannot_inject_markdown_or_html(run_dir):
         path = write_card(run_dir)
     card = ModelCard.load(path)  # the metadata block still parses, with the names as they are
     assert card.data.eval_results[0].metric_name == f"acc {INJECTED}"
-    assert card.data.eval_results[0].dataset_split == f"split {INJECTED}"
+    assert card.data.eval_results[0].dataset_split is None  # local files: no split is claimed
     outside, blocks = fenced_blocks(card.text)  # every fence is closed
     assert command in blocks  # the command verbatim in its own block, the injected fence inside it
     headings = [line for line in outside if line.lstrip().startswith("#")]
@@ -264,8 +319,8 @@ def test_results_fields_cannot_inject_markdown_or_html(run_dir):
     assert "&lt;script&gt;alert(1)&lt;/script&gt; &#124; cell &#96;&#96;&#96;" in card.text  # shown as written
     # Every table row keeps its own cells: the injected "|" is an entity, not a border.
     rows = [line for line in outside if line.startswith("|")]
-    assert {line.count("|") for line in rows} == {3, 4}
-    assert [line.count("|") for line in rows if line.startswith("| acc ")] == [4]
+    assert {line.count("|") for line in rows} == {3, 5}  # settings and training tables; metric, split, count, value
+    assert [line.count("|") for line in rows if line.startswith("| acc ")] == [5]
 
 
 def test_repo_id_must_be_a_hub_id(run_dir):

@@ -1,6 +1,5 @@
 """``sinkhorn-hf export``: refusals up front, and (slow) a checked ONNX file written in one step."""
 
-import argparse
 import json
 
 import numpy as np
@@ -11,17 +10,14 @@ from hub_helpers import save_tiny_bert
 from tiny_models import make_tiny
 
 import sinkhorn_hf  # noqa: F401
-from sinkhorn_hf.commands import export as export_command
+from sinkhorn_hf.cli import main as cli_main
 from sinkhorn_hf.compat import config_attn_implementation
 from sinkhorn_hf.hub.export import ExportError, export_onnx
 
 
 def main(argv: list[str]) -> int:
-    """The export subcommand as the CLI runs it (its parser and function)."""
-    parser = argparse.ArgumentParser(prog="sinkhorn-hf")
-    export_command.add_parser(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """The export subcommand as the console script runs it."""
+    return cli_main(argv)
 
 
 @pytest.fixture

@@ -48,8 +48,9 @@ def flags(model: Path, files, out: Path, *extra: str) -> list[str]:
 
 
 def test_an_inexact_euler_rebuild_stops_the_run(loud_bert, sst2_files, tmp_path):
-    with pytest.raises(InexactAdjointError, match=r"'euler' on bert.encoder.layer: the rebuilt inputs of layers"):
+    with pytest.raises(SystemExit, match=r"'euler' on bert.encoder.layer: the rebuilt inputs of layers") as stop:
         main(GLUE, flags(loud_bert, sst2_files, tmp_path, "--adjoint", "euler"))
+    assert stop.value.code == 1 and isinstance(stop.value.__context__, InexactAdjointError)  # one line, exit 1
     assert not (tmp_path / "model.safetensors").exists() and not list_checkpoints(tmp_path)
 
 
@@ -67,8 +68,8 @@ def test_run_glue_with_an_inexact_euler_rebuild_exits_nonzero(loud_bert, sst2_fi
          "--adjoint", "euler"],
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
-    assert done.returncode != 0
-    assert "InexactAdjointError: adjoint 'euler' on bert.encoder.layer" in done.stderr
+    assert done.returncode == 1 and "Traceback" not in done.stderr  # a refusal the user can act on: one line
+    assert "run_glue.py: error: adjoint 'euler' on bert.encoder.layer" in done.stderr.splitlines()[-1]
     assert not (tmp_path / "model.safetensors").exists()
 
 

@@ -18,8 +18,50 @@ STSB_HEADER = "sentence1\tsentence2\tscore\n"
 def test_non_finite_regression_labels_are_refused_with_file_and_row(tmp_path, label):
     path = tmp_path / "stsb.tsv"
     path.write_text(STSB_HEADER + "A plane.\tA jet.\t5.0\nA man.\tA flute.\t3.8\n" + f"A cat.\tA dog.\t{label}\n")
-    with pytest.raises(ValueError, match=rf"stsb.tsv: row 3 .*has the regression label '{label}'; .*must be finite"):
+    with pytest.raises(ValueError, match=rf"stsb.tsv, line 4: regression label '{label}' is not a finite number"):
         load_glue_file(str(path), GLUE_TASKS["stsb"])
+
+
+SST2_ROWS = "sentence\tlabel\ngood film\t1\n\nbad film\t0\n"  # a blank line (skipped) before line 4
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("dev.tsv", SST2_ROWS + "fine\t7\n", r"dev.tsv, line 5: label '7' is not one of: 0 or 'negative', 1 or"),
+        (
+            "dev.tsv",
+            SST2_ROWS + "a\ttab\t1\n",
+            r"dev.tsv, line 5: an extra field .*3 fields, expected 2 \(sentence, la",
+        ),
+        ("dev.tsv", SST2_ROWS + "no label\n", r"dev.tsv, line 5: a field is missing: 1 fields, expected 2"),
+        ("dev.csv", 'sentence,label\n"two\nlines",1\nx,neutral\n', r"dev.csv, line 4: label 'neutral' is not one of"),
+        ("dev.csv", 'sentence,label\n"a, b",1,0\n', r"dev.csv, line 2: an extra field: 3 fields, expected 2"),
+        (
+            "dev.jsonl",
+            '{"sentence": "a", "label": 1}\n\n{"sentence": "b", "label": 2}\n',
+            r"dev.jsonl, line 3: label 2 ",
+        ),
+        ("dev.jsonl", '{"sentence": "a", "label": 1}\n{"sentence": "b",\n', r"dev.jsonl, line 2: not valid JSON"),
+        (
+            "dev.jsonl",
+            '{"sentence": "a", "label": 1}\n{"sentence": "b"}\n',
+            r"dev.jsonl, line 2: label None is not one",
+        ),
+    ],
+)
+def test_a_bad_row_is_refused_naming_the_file_and_its_line(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_glue_file(str(path), GLUE_TASKS["sst2"])
+
+
+def test_a_bad_label_in_a_headerless_cola_file_names_its_line(tmp_path):
+    path = tmp_path / "cola.tsv"
+    path.write_text("gj04\t1\t\tA sentence.\ngj04\t5\t*\tAnother one.\n")
+    with pytest.raises(ValueError, match=r"cola.tsv, line 2: label '5' is not one of"):
+        load_glue_file(str(path), GLUE_TASKS["cola"])
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ from sinkhorn_hf.adjoint.api import check_adjoint_under_fsdp
 from sinkhorn_hf.adjoint.probe import scalar_loss
 from sinkhorn_hf.training.arguments import TrainerArguments
 from sinkhorn_hf.training.trainer import Trainer, make_accelerator
+from sinkhorn_hf.user_errors import UsageError
 
 STEPS = 3
 # (adjoint scheme, FSDP version)
@@ -208,5 +209,5 @@ def test_trainer_refuses_marginal_tracking_under_fsdp(tmp_path):
 def test_fsdp_asked_for_on_cpu_is_refused(monkeypatch, tmp_path):
     # accelerate would silently train without sharding (DDP across processes, nothing in one process)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(RuntimeError, match="runs FSDP on GPUs"):
+    with pytest.raises(UsageError, match="runs FSDP on GPUs"):  # one line, exit status 2, in a script
         make_accelerator(TrainerArguments(output_dir=str(tmp_path)))

@@ -1,12 +1,15 @@
-"""Image classification: npz arrays and image folders, grayscale/RGB conversion, a ViT built from a config."""
+"""Image classification: npz arrays and image folders, grayscale/RGB conversion, ViT / I-JEPA / ViT-MSN built from
+a config."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import transformers
 from PIL import Image
 from transformers import HfArgumentParser
 
+from sinkhorn_hf.compat import config_attn_implementation
 from sinkhorn_hf.training.arguments import ModelArguments, TrainerArguments
 from sinkhorn_hf.training.run import run_task
 from sinkhorn_hf.training.tasks.images import IMAGES, ImageDataArguments, load_images, to_channels
@@ -31,7 +34,11 @@ def parse(*flags: str):
     return parser.parse_args_into_dataclasses(list(flags))
 
 
-def test_vit_from_config_learns_grayscale_npz(tmp_path):
+@pytest.mark.parametrize(
+    "model_type",
+    ["vit", pytest.param("ijepa", marks=pytest.mark.slow), pytest.param("vit_msn", marks=pytest.mark.slow)],
+)
+def test_model_from_config_learns_grayscale_npz(model_type, tmp_path):
     x_train, y_train = quadrant_images(160, 0)
     x_test, y_test = quadrant_images(37, 1)
     npz = tmp_path / "quadrants.npz"
@@ -39,15 +46,17 @@ def test_vit_from_config_learns_grayscale_npz(tmp_path):
     result = run_task(
         IMAGES,
         *parse(
-            "--model_type", "vit", "--config_overrides", VIT, "--train_file", str(npz), "--output_dir",
+            "--model_type", model_type, "--config_overrides", VIT, "--train_file", str(npz), "--output_dir",
             str(tmp_path / "out"), "--attn_implementation", "sinkhorn", "--num_train_epochs", "4",
             "--learning_rate", "2e-3", "--per_device_train_batch_size", "16",
         )
     )  # fmt: skip
     assert result.eval_split == f"{npz}: x_test/y_test"
     assert result.num_eval_samples == {"num_samples": 37}
-    assert result.model_name_or_path == "vit (random init)" and result.config_overrides == VIT
+    assert result.model_name_or_path == f"{model_type} (random init)" and result.config_overrides == VIT
     assert result.metrics["accuracy"] > 0.9
+    model = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "out")
+    assert config_attn_implementation(model.config) == "sinkhorn" and model.config.model_type == model_type
     # the processor made for the config is saved with the model
     assert (tmp_path / "out" / "preprocessor_config.json").exists()
 
@@ -112,3 +121,30 @@ def test_npz_must_hold_uint8_images(tmp_path):
 def test_bad_image_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ImageDataArguments(**kwargs)
+
+
+@pytest.mark.slow
+def test_siglip2_from_a_config_file_learns_with_variable_resolution_patches(tmp_path):
+    # SigLIP2's processor makes patches with a padding mask and their grid shape: all must reach the model
+    x_train, y_train = quadrant_images(160, 0)
+    x_test, y_test = quadrant_images(37, 1)
+    npz = tmp_path / "quadrants.npz"
+    np.savez_compressed(npz, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    config = transformers.Siglip2Config(
+        text_config=dict(tower, vocab_size=99, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        vision_config=dict(tower, patch_size=4, num_patches=9),
+    )
+    config.save_pretrained(tmp_path / "config")
+    result = run_task(
+        IMAGES,
+        *parse(
+            "--model_type", "siglip2", "--config_name", str(tmp_path / "config"), "--train_file", str(npz),
+            "--output_dir", str(tmp_path / "out"), "--attn_implementation", "sinkhorn", "--num_train_epochs", "4",
+            "--learning_rate", "2e-3", "--per_device_train_batch_size", "16",
+        )
+    )  # fmt: skip
+    assert result.metrics["accuracy"] > 0.9
+    model = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "out")
+    assert type(model).__name__ == "Siglip2ForImageClassification"
+    assert config_attn_implementation(model.config.vision_config) == "sinkhorn"

@@ -74,8 +74,11 @@ def test_glue_lora_run_trains_adapters_and_leaves_the_base_model(tiny_bert, rte_
             "--model_name_or_path", str(tiny_bert), "--task_name", "rte", "--train_file", train,
             "--validation_file", dev, "--output_dir", str(out), "--lora_r", "4", "--learning_rate", "1e-2",
             "--num_train_epochs", "2", "--attn_implementation", "sinkhorn", "--sinkhorn_iterations", "5",
+            "--max_length", "64", "--max_eval_samples", "1000",
         )
     )  # fmt: skip
+    # recorded for the card: the token budget, and that the (small) dev file was evaluated whole
+    assert result.max_length == 64 and result.eval_subset is False and result.train_loss is not None
     assert result.lora == {"r": 4, "alpha": 16.0, "dropout": 0.1, "target_modules": ["query", "value"]}
     assert result.sinkhorn_iterations == 5 and result.task_name == "rte"
     assert result.dataset == [train, dev] and result.eval_split == ["validation"]

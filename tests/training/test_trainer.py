@@ -159,6 +159,45 @@ def test_warmup_schedule_and_tensorboard_logs(tiny_bert, sst2_files, tmp_path):
     assert written["train_loss"] == result.train_loss == pytest.approx(losses[-1].value, rel=1e-6)
 
 
+def test_train_loss_is_recorded_when_the_run_is_shorter_than_a_logging_window(tiny_bert, sst2_files, tmp_path, capsys):
+    """A run of 5 steps under the default --logging_steps (50) still records train_loss: the mean of its 5 step
+    losses, as a run logging every step (same seed, same batches) sees them. --report_to alone turns tracking on.
+    Output that is not a terminal (here: captured) gets one line per logging window and no progress bar."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    every_step = make_trainer(tiny_bert, sst2_files, tmp_path / "every", max_train_steps=5, report_to="tensorboard")
+    assert every_step.args.with_tracking
+    every_step.train()
+    logs = EventAccumulator(str(tmp_path / "every" / "runs" / "sinkhorn_hf"))
+    logs.Reload()
+    step_losses = [e.value for e in logs.Scalars("train/loss")]
+    assert len(step_losses) == 5
+    capsys.readouterr()
+    default = make_trainer(tiny_bert, sst2_files, tmp_path / "default", max_train_steps=5, logging_steps=50)
+    result = default.train()
+    assert result.train_loss == pytest.approx(sum(step_losses) / 5, rel=1e-5)
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert [line.split(":")[0] for line in lines if line.startswith("step ")] == ["step 5/5", "step 5"]  # loss, eval
+    assert "\r" not in out and "train:" not in err and "eval:" not in err  # no progress bar of ours in a log
+    assert not (tmp_path / "default" / "runs").exists()  # no tracker unless asked for
+
+
+@pytest.mark.parametrize(
+    "flags, tracking, trackers",
+    [
+        ({}, False, None),
+        ({"report_to": "tensorboard"}, True, ["tensorboard"]),
+        ({"report_to": "tensorboard, wandb"}, True, ["tensorboard", "wandb"]),
+        ({"with_tracking": True}, True, ["tensorboard"]),
+        ({"with_tracking": True, "report_to": "none"}, False, None),
+    ],
+)
+def test_asking_for_a_tracker_turns_tracking_on(flags, tracking, trackers):
+    args = TrainerArguments(output_dir="o", **flags)
+    assert (args.with_tracking, args.trackers) == (tracking, trackers)
+
+
 def test_early_stopping_stops_after_patience(tiny_bert, sst2_files, tmp_path):
     # With a zero learning rate the metric never improves: best at the first eval, then `patience` more.
     result = make_trainer(tiny_bert, sst2_files, tmp_path, learning_rate=0.0, eval_steps=2,

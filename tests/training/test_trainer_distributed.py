@@ -22,6 +22,7 @@ from sinkhorn_hf.training.arguments import ModelArguments, TrainerArguments
 from sinkhorn_hf.training.run import run_task
 from sinkhorn_hf.training.tasks.glue import GLUE, GlueDataArguments
 from sinkhorn_hf.training.trainer import make_accelerator
+from sinkhorn_hf.user_errors import UsageError
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "run_glue.py"
 
@@ -85,5 +86,5 @@ def test_a_lone_process_of_a_cpu_launch_refuses_to_train(monkeypatch, tmp_path):
     # what `accelerate launch --cpu --num_processes 2` leaves in the one process it starts
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
-    with pytest.raises(RuntimeError, match="--multi_gpu --num_processes N"):
+    with pytest.raises(UsageError, match="--multi_gpu --num_processes N"):  # one line, exit status 2, in a script
         make_accelerator(TrainerArguments(output_dir=str(tmp_path)))

@@ -18,7 +18,7 @@ from ..arguments import ModelArguments, require_at_least_one
 from ..files import load_hub_dataset, load_table, read_header, table_format
 from ..metrics import EvalOutput, MetricFn
 from ..run import Task, TaskData
-from ..text import check_columns, encode_labels, load_tokenizer, subsample, text_collator
+from ..text import check_columns, cuts, encode_labels, load_tokenizer, subsample, text_collator
 
 HUB_DATASET = "nyu-mll/glue"
 METRIC_MODULE = Path(__file__).with_name("glue_metric.py")
@@ -143,7 +143,8 @@ def _tsv_without_header(path: str, task: GlueTask) -> bool:
 
 def load_glue_file(path: str, task: GlueTask) -> datasets.Dataset:
     """One local split with the Hub's column names and integer (or float, STS-B) labels in ``labels``."""
-    dataset = load_table(path, task.headerless if _tsv_without_header(path, task) else None)
+    headerless = _tsv_without_header(path, task)
+    dataset = load_table(path, task.headerless if headerless else None)
     renames = {
         old: new
         for old, new in task.tsv_columns.items()
@@ -158,7 +159,7 @@ def load_glue_file(path: str, task: GlueTask) -> datasets.Dataset:
     )
     check_columns(dataset, needed, f"{path}", hint)
     dataset = dataset.select_columns(needed)
-    return encode_labels(dataset, task.label_names, path)
+    return encode_labels(dataset, task.label_names, path, header=not headerless)
 
 
 def load_glue(data_args: GlueDataArguments) -> dict[str, datasets.Dataset]:
@@ -216,20 +217,21 @@ def load_task_data(data_args: GlueDataArguments, model_args: ModelArguments, see
     def prepare(split: str, limit: int | None) -> datasets.Dataset:
         return tokenize(subsample(splits[split], limit, seed), task, tokenizer, data_args.max_length)
 
+    eval_splits = [s for s in task.validation_splits if s in splits]
     return TaskData(
         task_name=task.name,
         dataset=list(data_args.local_files.values()) or f"{HUB_DATASET}/{task.name}",
-        eval_split=[s for s in task.validation_splits if s in splits],
+        eval_split=eval_splits,
         train=prepare("train", data_args.max_train_samples),
-        evals={
-            SPLIT_SUFFIX.get(split, ""): prepare(split, data_args.max_eval_samples)
-            for split in task.validation_splits
-            if split in splits
-        },
+        evals={SPLIT_SUFFIX.get(split, ""): prepare(split, data_args.max_eval_samples) for split in eval_splits},
         label_names=task.label_names,
         compute_metrics=compute_glue_metrics(task),
         main_metric=task.main_metric,
         processor=tokenizer,
+        info={
+            "max_length": data_args.max_length,
+            "eval_subset": any(cuts(splits[split], data_args.max_eval_samples) for split in eval_splits),
+        },
     )
 
 

@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from ..arguments import ModelArguments, require_at_least_one
-from ..files import load_hub_dataset
+from ..files import DataError, load_hub_dataset
 from ..metrics import EvalOutput, classification_metrics
 from ..run import Task, TaskData
-from ..text import subsample
+from ..text import cuts, subsample
 
 _NPZ_SPLITS = {"train": ("x_train", "y_train"), "test": ("x_test", "y_test"), "all": ("x", "y")}
 
@@ -68,12 +68,12 @@ def _npz_split(path: str, wanted: tuple[str, ...], required: bool) -> datasets.D
         if not found:
             if required:
                 keys = " or ".join("/".join(_NPZ_SPLITS[s]) for s in wanted)
-                raise ValueError(f"{path}: no {keys} arrays; it has {list(arrays)}")
+                raise DataError(f"{path}: no {keys} arrays; it has {list(arrays)}")
             return None
         x_key, y_key = found[0]
         x, y = arrays[x_key], arrays[y_key]
     if x.dtype != np.uint8 or x.ndim not in (3, 4) or len(x) != len(y):
-        raise ValueError(
+        raise DataError(
             f"{path}: {x_key} must be uint8 images (N, H, W) or (N, H, W, C) with one label each in {y_key}; "
             f"got {x.dtype} {x.shape} and {y.shape}"
         )
@@ -99,7 +99,7 @@ def _from_folders(args: ImageDataArguments) -> Splits:
     validation = datasets.load_dataset("imagefolder", data_dir=args.validation_dir, split="train")
     names = train.features["label"].names, validation.features["label"].names
     if names[0] != names[1]:
-        raise ValueError(f"class folders differ: {args.train_dir} has {names[0]}, {args.validation_dir} has {names[1]}")
+        raise DataError(f"class folders differ: {args.train_dir} has {names[0]}, {args.validation_dir} has {names[1]}")
     return train, validation, args.validation_dir
 
 
@@ -126,7 +126,7 @@ def load_images(args: ImageDataArguments, seed: int) -> tuple[datasets.Dataset, 
     for split in (train, validation):
         missing = [c for c in columns if c not in split.column_names]
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"image data lacks column(s) {missing} (it has {split.column_names}); "
                 "set --image_column_name/--label_column_name"
             )
@@ -159,7 +159,8 @@ def to_channels(image: Any, num_channels: int) -> np.ndarray:
 
 
 class ImageCollator:
-    """Rows of raw images -> ``pixel_values`` (B, C, H, W) from the image processor, and ``labels`` (B,)."""
+    """Rows of raw images -> what the image processor makes of them (``pixel_values`` (B, C, H, W); SigLIP2's
+    variable-resolution processor adds ``pixel_attention_mask`` and ``spatial_shapes``), and ``labels`` (B,)."""
 
     def __init__(self, image_processor: Any, num_channels: int) -> None:
         self.image_processor = image_processor
@@ -168,15 +169,24 @@ class ImageCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         images = [to_channels(row["image"], self.num_channels) for row in rows]
         pixels = self.image_processor(images, return_tensors="pt", input_data_format="channels_last")
-        return {"pixel_values": pixels["pixel_values"], "labels": torch.tensor([row["labels"] for row in rows])}
+        return {**pixels, "labels": torch.tensor([row["labels"] for row in rows])}
 
 
 def default_image_processor(config: Any) -> Any:
-    """A processor for a model built from a config: resize to ``config.image_size``, scale to [-1, 1]."""
-    from transformers import ViTImageProcessorPil
+    """A processor for a model built from a config: resize to ``config.image_size`` (SigLIP2: at most
+    ``num_patches`` patches of the vision tower, aspect ratio kept), scale to [-1, 1]."""
+    from transformers import Siglip2ImageProcessorPil, ViTImageProcessorPil
 
-    size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
-    channels = config.num_channels
+    vision = getattr(config, "vision_config", None) or config
+    channels = vision.num_channels
+    if vision.model_type == "siglip2_vision_model":
+        return Siglip2ImageProcessorPil(
+            patch_size=vision.patch_size,
+            max_num_patches=vision.num_patches,
+            image_mean=[0.5] * channels,
+            image_std=[0.5] * channels,
+        )
+    size = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
     return ViTImageProcessorPil(
         size={"height": size, "width": size}, image_mean=[0.5] * channels, image_std=[0.5] * channels
     )
@@ -202,11 +212,12 @@ def load_task_data(data_args: ImageDataArguments, model_args: ModelArguments, se
         compute_metrics=compute_image_metrics,
         main_metric="accuracy",
         processor=AutoImageProcessor.from_pretrained(processor_name) if processor_name else None,
+        info={"eval_subset": cuts(validation, data_args.max_eval_samples)},
     )
 
 
 def image_collator(processor: Any, config: Any) -> ImageCollator:
-    return ImageCollator(processor, getattr(config, "num_channels", 3))
+    return ImageCollator(processor, (getattr(config, "vision_config", None) or config).num_channels)
 
 
 IMAGES = Task(

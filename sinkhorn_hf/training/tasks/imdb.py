@@ -15,7 +15,7 @@ from ..arguments import ModelArguments, require_at_least_one
 from ..files import load_hub_dataset, load_table
 from ..metrics import EvalOutput, classification_metrics
 from ..run import Task, TaskData
-from ..text import check_columns, encode_labels, load_tokenizer, subsample, text_collator
+from ..text import check_columns, cuts, encode_labels, load_tokenizer, subsample, text_collator
 from ..trainer import EXAMPLE_ID
 
 HUB_DATASET = "stanfordnlp/imdb"
@@ -105,7 +105,11 @@ def load_task_data(data_args: ImdbDataArguments, model_args: ModelArguments, see
         compute_metrics=compute_imdb_metrics,
         main_metric="accuracy",
         processor=tokenizer,
-        info={"long_text_strategy": data_args.long_text_strategy, "max_length": data_args.max_length},
+        info={
+            "long_text_strategy": data_args.long_text_strategy,
+            "max_length": data_args.max_length,
+            "eval_subset": cuts(splits["test"], data_args.max_eval_samples),
+        },
     )
 
 
