@@ -336,6 +336,8 @@ def run(args) -> dict:
             need = _estimated_bytes(method, n, args.batch, args.heads, args.dim, item)
             if method == "sdpa-flash" and item > 2:
                 row[method] = {"skipped": f"SDPA's flash kernel takes 16-bit inputs only, not {args.dtype}"}
+            elif method == "sdpa-flash" and args.padded:
+                row[method] = {"skipped": "SDPA's flash kernel takes no attention mask (--padded)"}
             elif need > limit:
                 row[method] = {
                     "skipped": f"needs about {need / 2**30:.1f} GiB (score matrices of "

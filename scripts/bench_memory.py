@@ -10,6 +10,14 @@ the peak resident memory of the next steps is read from the kernel (VmHWM after 
 just before them, so parameters, gradients and optimizer state are excluded. On CUDA the same is done with
 torch.cuda.max_memory_allocated. Step time is the median of the measured steps. Ratios are against plain
 backprop at the same depth, measured in the same run. Results go to OUT/results.json (a killed run resumes).
+
+    python scripts/bench_memory.py --dynamic-padding --model ../shared/models/all-MiniLM-L6-v2 --steps 120
+
+``--dynamic-padding``: resident memory over a training run of a pretrained encoder whose batches have another
+padded length every step (``--min-len``..``--max-len``, as DataCollatorWithPadding gives), per attention
+(``sdpa`` and ``sinkhorn`` with ``--iterations``), each in its own process with glibc's default allocator
+settings (what a user's run sees): VmRSS every ``--every`` steps, the growth from ``--flat-from`` to the last
+step, and the ratio to SDPA at the same step. Results go to OUT/dynamic_padding.json and OUT/dynamic_padding.md.
 """
 
 from __future__ import annotations
@@ -87,6 +95,84 @@ def worker(args: argparse.Namespace) -> dict:
     return {"depth": args.depth, "config": args.config, "peak_bytes": peak - base, "step_s": statistics.median(times)}
 
 
+def padding_worker(args: argparse.Namespace) -> dict:
+    """Train ``args.model`` with ``args.attention`` on random batches of random padded lengths; VmRSS every
+    ``args.every`` steps."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    import sinkhorn_hf  # noqa: F401  (registers attn_implementation="sinkhorn")
+
+    torch.manual_seed(0)
+    extra = {"sinkhorn_iterations": args.iterations} if args.attention == "sinkhorn" else {}
+    model = AutoModelForSequenceClassification.from_pretrained(
+        args.model, num_labels=2, attn_implementation=args.attention, **extra
+    ).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5)
+    generator = torch.Generator().manual_seed(1)  # the same batches for every attention
+    vocab, rss = model.config.vocab_size, {}
+    for step in range(1, args.steps + 1):
+        padded = int(torch.randint(args.min_len, args.max_len + 1, (), generator=generator))
+        lengths = torch.randint(args.min_len, padded + 1, (args.batch_size,), generator=generator)
+        lengths[0] = padded  # the collator pads to the longest sequence of the batch
+        mask = (torch.arange(padded)[None] < lengths[:, None]).long()
+        ids = torch.randint(1000, vocab, (args.batch_size, padded), generator=generator) * mask
+        labels = torch.randint(0, 2, (args.batch_size,), generator=generator)
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % args.every == 0:
+            rss[step] = _rss_bytes("VmRSS") / _MIB
+    return {"attention": args.attention, "rss_mib": rss}
+
+
+def padding_table(results: dict[str, dict], flat_from: int) -> str:
+    """Markdown: VmRSS per step and attention, the ratio to SDPA, and the growth from ``flat_from`` to the end."""
+    names = list(results)
+    steps = sorted({int(step) for r in results.values() for step in r["rss_mib"]})
+    lines = [
+        "| step | "
+        + " | ".join(f"{name} MiB" for name in names)
+        + " | "
+        + " | ".join(f"{name} ×sdpa" for name in names if name != "sdpa")
+        + " |"
+    ]
+    lines.append("|---|" + "---|" * (2 * len(names) - ("sdpa" in names)))
+    for step in steps:
+        rss = {name: results[name]["rss_mib"].get(str(step), results[name]["rss_mib"].get(step)) for name in names}
+        ratios = [f"{rss[n] / rss['sdpa']:.2f}" for n in names if n != "sdpa" and "sdpa" in rss]
+        lines.append(f"| {step} | " + " | ".join(f"{rss[n]:.0f}" for n in names) + " | " + " | ".join(ratios) + " |")
+    growth = []
+    for name in names:
+        series = {int(k): v for k, v in results[name]["rss_mib"].items()}
+        if flat_from in series:
+            last = max(series)
+            change = 100 * (series[last] / series[flat_from] - 1)
+            growth.append(f"{name}: {change:+.1f} % from step {flat_from} to {last}")
+    return "\n".join(lines) + "\n\nGrowth: " + "; ".join(growth) + "\n"
+
+
+def run_padding(args: argparse.Namespace) -> int:
+    from sinkhorn_hf.atomic_files import write_text_atomic
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for attention in ("sdpa", "sinkhorn"):
+        command = [sys.executable, __file__, "--dynamic-padding", "--worker", "--attention", attention]
+        for name in ("model", "steps", "every", "batch_size", "min_len", "max_len", "iterations"):
+            command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{attention} failed:\n{done.stderr[-3000:]}")
+        results[attention] = json.loads(done.stdout.strip().splitlines()[-1])
+    shape = {k: getattr(args, k) for k in ("model", "steps", "batch_size", "min_len", "max_len", "iterations")}
+    write_text_atomic(args.out / "dynamic_padding.json", json.dumps({"shape": shape, "results": results}, indent=1))
+    text = padding_table(results, args.flat_from)
+    write_text_atomic(args.out / "dynamic_padding.md", text)
+    print(f"shape: {shape}\n{text}", end="")
+    return 0
+
+
 def run_one(args: argparse.Namespace, depth: int, config: str) -> dict:
     command = [
         sys.executable,
@@ -156,6 +242,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_memory"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    padding = parser.add_argument_group("--dynamic-padding: a pretrained model's training run, lengths varying")
+    padding.add_argument("--dynamic-padding", action="store_true", help="measure VmRSS over a training run")
+    padding.add_argument("--model", default="../shared/models/all-MiniLM-L6-v2", help="pretrained encoder")
+    padding.add_argument("--iterations", type=int, default=3, help="Sinkhorn iterations K")
+    padding.add_argument("--min-len", type=int, default=16)
+    padding.add_argument("--max-len", type=int, default=128)
+    padding.add_argument("--every", type=int, default=20, help="read VmRSS every this many steps")
+    padding.add_argument("--flat-from", type=int, default=40, help="report growth from this step to the last")
+    padding.add_argument("--attention", choices=("sdpa", "sinkhorn"), help=argparse.SUPPRESS)
     parser.add_argument("--depth", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--config", choices=CONFIGS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -164,6 +259,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be ≥ 1")
     if any(d < 1 for d in args.depths):
         parser.error(f"--depths must be ≥ 1, got {args.depths}")
+    if not 1 <= args.min_len <= args.max_len:
+        parser.error(f"--min-len and --max-len must satisfy 1 <= min <= max, got {args.min_len}, {args.max_len}")
     if args.hidden % args.heads:
         parser.error(f"--hidden ({args.hidden}) must be a multiple of --heads ({args.heads})")
     return args
@@ -171,6 +268,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.dynamic_padding and args.worker:
+        print(json.dumps(padding_worker(args)))
+        return 0
+    if args.dynamic_padding:
+        return run_padding(args)
     if args.worker:
         print(json.dumps(worker(args)))
         return 0

@@ -3,8 +3,9 @@
 - ``settings.backend`` first: the fused Triton kernels (:mod:`.triton`) with "triton", or with "auto" on CUDA
   where they support the call; otherwise one of the PyTorch routes below.
 - K = 1 is SoftMax: plain ``scaled_dot_product_attention``.
-- Dense (below the streaming threshold, or when the weights are asked for): one autograd Function that
-  materialises A once, in the kernel domain, with its own backward (:mod:`.dense`).
+- Dense (below the streaming threshold, or when the weights are asked for): one autograd Function that computes
+  the scores once, in the kernel domain where its scalings fit the dtype (else the log domain), with its own
+  backward (:mod:`.dense`, :mod:`.kernel`).
 - Streaming (long sequences): score blocks with an online logsumexp for the K steps and a fused SDPA call with
   the last column potential as a key bias for the final pass; never an N×N matrix (:mod:`.streaming`).
 """

@@ -308,6 +308,30 @@ def test_model_settings_select_the_modes():
     assert not torch.allclose(implicit[1], dense[1], rtol=1e-3, atol=0)
 
 
+@pytest.mark.parametrize("iterations", [2, 3, 5])
+def test_the_log_domain_dense_route_matches_the_reference(iterations, monkeypatch):
+    """The dense route's log-domain Function, taken where the kernel domain's scalings could leave the dtype."""
+    taken = []
+    monkeypatch.setattr(dense_module, "kernel_domain_fits", lambda *args: taken.append(args) and False)
+    c = case(seed=15)
+    out, _ = fast(c, iterations, streaming=False)
+    assert taken, "the dense route must ask which domain fits"
+    expected = reference(c, iterations)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    assert_same_gradients(out, expected, c)
+
+
+def test_the_kernel_domain_is_taken_while_its_scalings_fit_the_dtype():
+    """N^(steps + 1) must stay within float32's resolution: K=3 at any dense length (symbolic lengths count as
+    2^16), more steps only at small N; float64 allows far more."""
+    fits = dense_module.kernel_domain_fits
+    symbolic = torch.export.Dim("n")  # not an int: the bound for the largest dense length applies
+    assert fits(3, 512, 512, torch.float32) and fits(3, symbolic, symbolic, torch.float32)
+    assert fits(7, 512, 512, torch.float32) and not fits(8, 512, 512, torch.float32)
+    assert not fits(4, symbolic, symbolic, torch.float32)
+    assert fits(40, 2**16, 2**16, torch.float64)
+
+
 def test_workspace_buffers_never_escape():
     """The dense route reuses scratch buffers between calls: nothing it returns may live in them."""
     first = case(seed=12)
@@ -324,6 +348,32 @@ def test_workspace_buffers_never_escape():
     dense_module.WORKSPACE.clear()
     again, _ = fast(first, 3)
     torch.testing.assert_close(again, out, rtol=0, atol=0)
+
+
+def test_workspace_stays_bounded_under_dynamic_padding():
+    """Training with dynamic padding gives every batch another (batch, length): the dense route's cached scratch
+    never holds more than the largest shape alone needs (it kept one set of N² buffers per shape, growing
+    without bound), and results are those of a cold cache."""
+    shapes = [(2, 9), (1, 5), (3, 7), (2, 4), (1, 9), (3, 3), (2, 8), (1, 6), (3, 9), (2, 5)]  # (batch, length)
+    largest = max(shapes, key=lambda shape: shape[0] * shape[1] ** 2)
+
+    def run(batch, n, seed=0):
+        c = case(lengths=tuple(range(n, n - batch, -1)), seed=seed)
+        out, _ = fast(c, 3)
+        return [out.detach()] + list(torch.autograd.grad(out.square().sum(), inputs_of(c)))
+
+    dense_module.WORKSPACE.clear()
+    run(*largest)
+    needed = dense_module.WORKSPACE.held_bytes()
+    assert needed > 0
+    for seed, shape in enumerate(shapes):
+        warm = run(*shape, seed)
+        assert dense_module.WORKSPACE.held_bytes() <= needed, f"after {shape}"
+        dense_module.WORKSPACE.clear()
+        cold = run(*shape, seed)
+        for mine, theirs in zip(warm, cold, strict=True):
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+        run(*largest)
 
 
 def test_training_after_inference_mode_reuses_no_inference_buffer():
