@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from bench_memory import _rss_bytes  # the kernel's resident-memory counters, read as bench_memory does
+from experiment_files import run_depth_grid, run_memory_worker
 
 # name -> (scheme, enable_adjoint keyword arguments); "plain" enables nothing
 CONFIGS: dict[str, tuple[str, dict]] = {
@@ -104,12 +103,7 @@ def run_one(args: argparse.Namespace, depth: int, config: str) -> dict:
     for name in ("seq_len", "batch_size", "hidden", "heads", "steps"):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     command += ["--after-first-step"] if args.after_first_step else []
-    # Freed tensors go back to the system at once, so resident memory tracks live tensors.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{config} at depth {depth} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_memory_worker(command, f"{config} at depth {depth}")
 
 
 def table(results: list[dict], depths: list[int], configs: list[str]) -> str:
@@ -170,18 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from sinkhorn_hf.atomic_files import write_text_atomic
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "results.json"
     shape = {k: getattr(args, k) for k in ("seq_len", "batch_size", "hidden", "heads", "steps", "after_first_step")}
-    saved = json.loads(path.read_text()) if path.exists() else {}
-    results = saved.get("results", []) if saved.get("shape") == shape else []
-    for depth in args.depths:
-        for config in args.configs:
-            if any(r["depth"] == depth and r["config"] == config for r in results):
-                continue
-            results.append(run_one(args, depth, config))
-            print(f"depth {depth} {config}: {results[-1]['peak_bytes'] / _MIB:.0f} MiB", flush=True)
-            write_text_atomic(path, json.dumps({"shape": shape, "results": results}, indent=1))
+    results = run_depth_grid(
+        args.out, shape, args.depths, args.configs, lambda d, c: run_one(args, d, c), desc="bench_adjoint_memory"
+    )
     text = table(results, args.depths, args.configs)
     write_text_atomic(args.out / "table.md", text)
     print(f"shape: {shape}\n{text}", end="")

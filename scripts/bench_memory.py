@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from experiment_files import run_depth_grid, run_memory_worker
 
 CONFIGS = ("plain", "gc", "euler", "heun", "auto", "checkpoint", "momentum")
 DEFAULT_CONFIGS = ("plain", "gc", "euler", "heun", "auto")
@@ -174,33 +175,10 @@ def run_padding(args: argparse.Namespace) -> int:
 
 
 def run_one(args: argparse.Namespace, depth: int, config: str) -> dict:
-    command = [
-        sys.executable,
-        __file__,
-        "--worker",
-        "--depth",
-        str(depth),
-        "--config",
-        config,
-        "--seq-len",
-        str(args.seq_len),
-        "--batch-size",
-        str(args.batch_size),
-        "--hidden",
-        str(args.hidden),
-        "--heads",
-        str(args.heads),
-        "--steps",
-        str(args.steps),
-        "--device",
-        args.device,
-    ]
-    # Freed tensors go back to the system at once, so resident memory tracks live tensors.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{config} at depth {depth} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    command = [sys.executable, __file__, "--worker", "--depth", str(depth), "--config", config]
+    for name in ("seq_len", "batch_size", "hidden", "heads", "steps", "device"):
+        command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    return run_memory_worker(command, f"{config} at depth {depth}")
 
 
 def _ratio(value: float, baseline: float) -> str:
@@ -276,24 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(args)))
         return 0
-    from tqdm.auto import tqdm
-
     from sinkhorn_hf.atomic_files import write_text_atomic
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "results.json"
     shape = {k: getattr(args, k) for k in ("seq_len", "batch_size", "hidden", "heads", "steps", "device")}
-    saved = json.loads(path.read_text()) if path.exists() else {}
-    results = saved.get("results", []) if saved.get("shape") == shape else []
-    todo = [
-        (d, c)
-        for d in args.depths
-        for c in args.configs
-        if not any(r["depth"] == d and r["config"] == c for r in results)
-    ]
-    for depth, config in tqdm(todo, desc="bench_memory"):
-        results.append(run_one(args, depth, config))
-        write_text_atomic(path, json.dumps({"shape": shape, "results": results}, indent=1))
+    results = run_depth_grid(
+        args.out, shape, args.depths, args.configs, lambda d, c: run_one(args, d, c), desc="bench_memory"
+    )
     text = table(results, args.depths, args.configs)
     write_text_atomic(args.out / "table.md", text)
     print(f"shape: {shape}\n{text}", end="")
