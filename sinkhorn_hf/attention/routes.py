@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .dense import dense_attention
 from .settings import ImplicitSolver, RouteOptions, SinkhornSettings
-from .streaming import StreamingSinkhornAttention, sdpa_mask
+from .streaming import sdpa_mask, streaming_attention
 from .triton import TritonUnsupportedError, triton_sinkhorn_attention, triton_unsupported_reason
 
 MIN_BLOCK_ROWS = 16  # below this, per-block overhead dominates
@@ -116,5 +116,5 @@ def _attention(query, key, value, allowed, bias, query_valid, scale, settings, d
     if block_size is None:
         output, weights = dense_attention(q, k, v, bias, allowed, query_valid, options)
         return output.to(value.dtype), weights
-    output = StreamingSinkhornAttention.apply(q, k, v, bias, allowed, query_valid, options)
+    output = streaming_attention(q, k, v, bias, allowed, query_valid, options)
     return output.to(value.dtype), None

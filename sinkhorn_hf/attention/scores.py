@@ -35,11 +35,31 @@ def lse_(x: Tensor, dim: int) -> Tensor:
     return x.sub_(peak).exp2_().sum(dim, keepdim=True).log2_().add_(peak).mul_(LN2)
 
 
-def _rows(mask: Tensor | None, rows: slice) -> Tensor | None:
+def query_rows(mask: Tensor | None, rows: slice) -> Tensor | None:
     """The query rows ``rows`` of a mask broadcastable to (..., Lq, ·); masks constant over queries stay whole."""
     if mask is None or mask.shape[-2] == 1:
         return mask
     return mask[..., rows, :]
+
+
+def query_blocks(n_q: int, block_size: int) -> list[slice]:
+    """Blocks of ``block_size`` query rows (the last one may be shorter)."""
+    size = max(1, min(block_size, n_q))
+    return [slice(start, min(start + size, n_q)) for start in range(0, n_q, size)]
+
+
+def contract(query: Tensor, key: Tensor, scale: float, rows: slice, grad_scores: Tensor, grads: dict) -> None:
+    """Add the gradient of the query rows ``rows`` of S = scale·Q Kᵀ + bias, ``grad_scores`` (..., rows, Lk), into
+    ``grads["query"]`` (rows written), ``grads["key"]`` and ``grads["bias"]`` (accumulated; None: not wanted)."""
+    if grads.get("query") is not None:
+        part = torch.matmul(grad_scores, key).mul_(scale)
+        grads["query"][..., rows, :] += part.sum_to_size(grads["query"][..., rows, :].shape)
+    if grads.get("key") is not None:
+        part = torch.matmul(grad_scores.transpose(-1, -2), query[..., rows, :] * scale)
+        grads["key"] += part.sum_to_size(grads["key"].shape)
+    if grads.get("bias") is not None:
+        target = query_rows(grads["bias"], rows)
+        target += grad_scores.sum_to_size(target.shape)
 
 
 class MarginalSupport(NamedTuple):
@@ -76,7 +96,7 @@ def marginal_support(
 
 def column_mask(allowed: Tensor | None, query_valid: Tensor | None, rows: slice) -> Tensor | None:
     """Entries of query rows ``rows`` that count in the column marginals: allowed and from a valid query."""
-    allowed, valid = _rows(allowed, rows), _rows(query_valid, rows)
+    allowed, valid = query_rows(allowed, rows), query_rows(query_valid, rows)
     if allowed is None or valid is None:
         return allowed if valid is None else valid
     return allowed & valid
@@ -109,7 +129,7 @@ class ScoreBlocks:
             size, self.slices = n_q, [slice(0, n_q)]
         else:
             size = max(1, min(block_size, n_q))
-            self.slices = [slice(start, min(start + size, n_q)) for start in range(0, n_q, size)]
+            self.slices = query_blocks(n_q, size)
         self.dense = len(self.slices) == 1
         self.batch_shape = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2])
         # One reusable (..., block, Lk) buffer: fresh N² allocations cost page faults on every pass.
@@ -138,7 +158,7 @@ class ScoreBlocks:
             out.copy_(torch.matmul(query, self.key.transpose(-1, -2)))
         else:
             torch.matmul(query, self.key.transpose(-1, -2), out=out)
-        bias = _rows(self.bias, rows)
+        bias = query_rows(self.bias, rows)
         return out if bias is None else out.add_(bias, alpha=LOG2E)
 
     def scratch(self, index: int) -> Tensor:
@@ -167,14 +187,14 @@ class ScoreBlocks:
         if row_shift is not None:
             row_shift = row_shift[..., rows, :]
         if column and self.query_valid is not None:
-            valid = _rows(self.query_valid, rows)
+            valid = query_rows(self.query_valid, rows)
             row_shift = torch.where(valid, 0.0 if row_shift is None else row_shift, MASKED_LOGIT)
         if self._scores is not None:
             torch.add(self._scores[..., rows, :], column_shift, alpha=LOG2E, out=out)
         else:
             self._compute(rows, out)
             if self.allowed is not None:
-                out.masked_fill_(~_rows(self.allowed, rows), MASKED_LOGIT)
+                out.masked_fill_(~query_rows(self.allowed, rows), MASKED_LOGIT)
             if isinstance(column_shift, Tensor) or column_shift != 0:
                 out.add_(column_shift, alpha=LOG2E)
         return out if row_shift is None else out.add_(row_shift, alpha=LOG2E)
@@ -197,18 +217,9 @@ class ScoreBlocks:
         return total
 
     def contract(self, index: int, grad_scores: Tensor, grads: dict[str, Tensor | None]) -> None:
-        """Add the gradient of block ``index`` of S, ``grad_scores`` (..., rows, Lk), into
-        ``grads["query"]`` (rows written), ``grads["key"]`` and ``grads["bias"]`` (accumulated)."""
-        rows = self.slices[index]
-        if grads.get("query") is not None:
-            part = torch.matmul(grad_scores, self.key).mul_(self.scale)
-            grads["query"][..., rows, :] += part.sum_to_size(grads["query"][..., rows, :].shape)
-        if grads.get("key") is not None:
-            part = torch.matmul(grad_scores.transpose(-1, -2), self.query[..., rows, :] * self.scale)
-            grads["key"] += part.sum_to_size(grads["key"].shape)
-        if grads.get("bias") is not None:
-            target = _rows(grads["bias"], rows)
-            target += grad_scores.sum_to_size(target.shape)
+        """Add the gradient of block ``index`` of S, ``grad_scores`` (..., rows, Lk), into ``grads`` (see
+        :func:`contract`)."""
+        contract(self.query, self.key, self.scale, self.slices[index], grad_scores, grads)
 
 
 class Plan(Protocol):
@@ -259,6 +270,6 @@ class BlockPlan(Plan):
         total = 0
         for index, rows in enumerate(self.blocks.slices):
             plan = self.block(index)
-            image = torch.matmul(plan, weight.transpose(-1, -2)) * _rows(row_weight, rows)
+            image = torch.matmul(plan, weight.transpose(-1, -2)) * query_rows(row_weight, rows)
             total = total + torch.matmul(image.transpose(-1, -2), plan)
         return total

@@ -25,7 +25,8 @@ from torch import Tensor
 
 from .implicit import implicit_terms
 from .iterations import block_half_steps, grad_block, step_plans, unrolled_terms
-from .scores import MASKED_LOGIT, ScoreBlocks
+from .kernel_streaming import KernelStreamingAttention, kernel_streaming_supports
+from .scores import MASKED_LOGIT, ScoreBlocks, query_rows
 from .settings import RouteOptions
 
 
@@ -76,11 +77,6 @@ def _zero_rows_without_mass(output: Tensor, allowed: Tensor | None) -> Tensor:
     return output if allowed is None else output.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
 
 
-def _query_rows(x: Tensor | None, rows: slice) -> Tensor | None:
-    """Rows ``rows`` of a tensor broadcastable to (..., Lq, ·); one constant over queries stays whole."""
-    return x if x is None or x.shape[-2] == 1 else x[..., rows, :]
-
-
 def _per_query(allowed: Tensor | None, bias: Tensor | None) -> bool:
     """Whether SDPA's mask for the final pass would vary over queries (an N×N tensor once b is added)."""
     if bias is not None and bias.shape[-2] > 1:
@@ -98,9 +94,7 @@ def _block_sdpa(query_rows: Tensor, key, value, allowed_rows, bias_rows, key_bia
 def _blockwise_sdpa(blocks: ScoreBlocks, query, key, value, bias, allowed, key_bias, scale) -> Tensor:
     """softmax_k(S + 1bᵀ) V, one SDPA call per block of query rows, each with its slice of the mask."""
     parts = [
-        _block_sdpa(
-            query[..., rows, :], key, value, _query_rows(allowed, rows), _query_rows(bias, rows), key_bias, scale
-        )
+        _block_sdpa(query[..., rows, :], key, value, query_rows(allowed, rows), query_rows(bias, rows), key_bias, scale)
         for rows in blocks.slices
     ]
     return torch.cat(parts, dim=-2)
@@ -112,10 +106,10 @@ def _blockwise_sdpa_grads(blocks, leaves, allowed, key_bias, scale, grad_output)
     query, key, value, bias = leaves
     grads = [None if leaf is None or not leaf.requires_grad else torch.zeros_like(leaf) for leaf in leaves]
     for rows in blocks.slices:
-        block_bias = None if bias is None else _query_rows(bias, rows).detach().requires_grad_(bias.requires_grad)
+        block_bias = None if bias is None else query_rows(bias, rows).detach().requires_grad_(bias.requires_grad)
         block_leaves = [query[..., rows, :].detach().requires_grad_(query.requires_grad), key, value, block_bias]
         with torch.enable_grad():
-            inner = _block_sdpa(*block_leaves[:3], _query_rows(allowed, rows), block_bias, key_bias, scale)
+            inner = _block_sdpa(*block_leaves[:3], query_rows(allowed, rows), block_bias, key_bias, scale)
         wanted = [(i, leaf) for i, leaf in enumerate(block_leaves) if leaf is not None and leaf.requires_grad]
         parts = torch.autograd.grad(inner, [leaf for _, leaf in wanted], grad_output[..., rows, :])
         for (i, _), part in zip(wanted, parts, strict=True):
@@ -226,3 +220,11 @@ class StreamingSinkhornAttention(torch.autograd.Function):
                 out = accumulator[..., : rows.stop - rows.start, :]
                 blocks.contract(index, grad_block(terms, index, out, rows), targets)
         return targets["query"], targets["key"], grad_value, targets["bias"], None, None, None
+
+
+def streaming_attention(query, key, value, bias, allowed, query_valid, options: RouteOptions) -> Tensor:
+    """The streaming route: in the kernel domain (:mod:`.kernel_streaming`) where it covers the call, else the
+    log-domain blocks with a fused SDPA final pass (:class:`StreamingSinkhornAttention`)."""
+    if kernel_streaming_supports(query, key, query_valid, options):
+        return KernelStreamingAttention.apply(query, key, value, bias, allowed, options)
+    return StreamingSinkhornAttention.apply(query, key, value, bias, allowed, query_valid, options)

@@ -84,10 +84,8 @@ def test_no_score_matrix_is_ever_materialised(iterations, padded):
 
 def test_auto_streams_above_the_threshold(monkeypatch):
     routes = []
-    original = routes_module.StreamingSinkhornAttention.apply
-    monkeypatch.setattr(
-        routes_module.StreamingSinkhornAttention, "apply", lambda *a: routes.append("streaming") or original(*a)
-    )
+    original = routes_module.streaming_attention
+    monkeypatch.setattr(routes_module, "streaming_attention", lambda *a: routes.append("streaming") or original(*a))
     tiny = make_tiny("bert", "sinkhorn")  # padded batch of length 9
     tiny.model.config.sinkhorn_streaming_threshold = 10
     tiny.model(**tiny.inputs)

@@ -1,0 +1,247 @@
+"""Streaming Sinkhorn attention in the kernel domain: the dense route's E = exp(S - m 1ᵀ - 1 cᵀ) (:mod:`.kernel`),
+recomputed one block of query rows at a time and never held whole.
+
+One pass finds the shifts (row maxima m, then the running column maxima c of S - m). Every later pass rebuilds a
+block of E with one matrix product (the shifts appended to the query block and to K) and one exponential, and
+does all it can with it: a row step and, as soon as the block's new row potentials are known, its share of the
+next column step (an online sum across blocks, rescaled to a running peak), or the last row step and the output
+x ⊙ E (y ⊙ V). So K half-steps cost 1 + ⌈K/2⌉ passes (one more for even K, the output), against K passes of
+max, subtract, exp and sum in the log domain. The backward is the dense kernel route's, block by block: dV, the
+reverse sweep's products with E, then dS = E ⊙ ((x ⊙ dO)(y ⊙ V)ᵀ - X Yᵀ) per block, contracted into dQ, dK.
+
+Taken for the calls the kernel domain covers (:func:`kernel_streaming_supports`): no dropout, no tolerance, every
+query in the column marginals, and the scalings' range within the dtype. Extra memory: one block of E and one of
+dS, K with two columns appended, and O(K·N) vectors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .implicit import implicit_terms
+from .iterations import step_plans, unrolled_terms
+from .kernel import ShiftedKernel, _row_sums, kernel_domain_fits, matmul_into, rank_factors
+from .scores import LN2, LOG2E, Plan, contract, marginal_support, query_blocks, query_rows
+from .settings import RouteOptions
+
+
+def kernel_streaming_supports(query: Tensor, key: Tensor, query_valid: Tensor | None, options: RouteOptions) -> bool:
+    """Whether the kernel-domain streaming route computes this call (from shapes, dtype and settings only)."""
+    settings = options.settings
+    return (
+        options.dropout == 0
+        and settings.tolerance is None
+        and query_valid is None
+        and kernel_domain_fits(settings.iterations, query.shape[-2], key.shape[-2], query.dtype)
+    )
+
+
+class BlockKernel:
+    """E = exp(S - m 1ᵀ - 1 cᵀ) (..., Lq, Lk) in blocks of query rows; S = scale·Q Kᵀ + bias on ``allowed``.
+
+    ``offsets`` (m (..., Lq, 1), c (..., 1, Lk), natural): the shifts when known (the backward); None finds them
+    with one pass. Every query counts in the column marginals.
+    """
+
+    def __init__(self, query, key, bias, allowed, scale: float, block_size: int, offsets=None) -> None:
+        self.query, self.key, self.bias, self.allowed, self.scale = query, key, bias, allowed, scale
+        n_q, n_k = query.shape[-2], key.shape[-2]
+        self.slices = query_blocks(n_q, block_size)
+        self.support = marginal_support(allowed, None, n_q, n_k, query.dtype, self.slices)
+        batch_shape = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2])
+        rows = self.slices[0].stop
+        self._scratch = torch.empty((*batch_shape, rows, n_k), dtype=query.dtype, device=query.device)
+        self.row_offset, self.column_offset = self._shifts() if offsets is None else offsets
+        # Q Kᵀ - m 1ᵀ - 1 cᵀ = [Q, -m, 1] [K, 1, -c]ᵀ in base 2
+        ones = torch.ones_like(self.column_offset).transpose(-1, -2)
+        self._right = torch.cat([key, ones, self.column_offset.transpose(-1, -2) * -LOG2E], -1).transpose(-1, -2)
+
+    def scratch(self, index: int) -> Tensor:
+        rows = self.slices[index]
+        return self._scratch[..., : rows.stop - rows.start, :]
+
+    def _logits(self, index: int) -> Tensor:
+        """Base-2 logits S·log2 e of block ``index``, masked, in the scratch buffer."""
+        rows = self.slices[index]
+        out = matmul_into(
+            self.query[..., rows, :] * (self.scale * LOG2E), self.key.transpose(-1, -2), self.scratch(index)
+        )
+        ShiftedKernel._mask(out, query_rows(self.bias, rows), query_rows(self.allowed, rows))
+        return out
+
+    def _shifts(self) -> tuple[Tensor, Tensor]:
+        """m (row maxima of S) and c (column maxima of S - m), natural, with one pass over the blocks."""
+        rows_mass, columns_mass = self.support.row_has_mass, self.support.column_has_mass
+        row_max, column_max = [], None
+        for index, rows in enumerate(self.slices):
+            logits = self._logits(index)
+            peak = logits.amax(-1, keepdim=True)
+            if rows_mass is not None:  # a row without mass keeps MASKED_LOGIT: E is 0 there
+                peak = peak.masked_fill(~query_rows(rows_mass, rows), 0.0)
+            here = logits.sub_(peak).amax(-2, keepdim=True)
+            column_max = here if column_max is None else torch.maximum(column_max, here)
+            row_max.append(peak)
+        if columns_mass is not None:
+            column_max = column_max.masked_fill(~columns_mass, 0.0)
+        return torch.cat(row_max, -2) * LN2, column_max * LN2
+
+    def block(self, index: int) -> Tensor:
+        """E on block ``index`` (..., rows, Lk), in the scratch buffer: one product, one exponential."""
+        rows = self.slices[index]
+        query = self.query[..., rows, :]
+        left = torch.cat(
+            [
+                query * (self.scale * LOG2E),
+                self.row_offset[..., rows, :] * -LOG2E,
+                torch.ones_like(self.row_offset[..., rows, :]),
+            ],
+            -1,
+        )
+        out = matmul_into(left, self._right, self.scratch(index))
+        ShiftedKernel._mask(out, query_rows(self.bias, rows), query_rows(self.allowed, rows))
+        return out.exp2_()
+
+    def plan(self, row_shift: Tensor, column_shift: Tensor | float, column: bool) -> BlockKernelPlan:
+        """exp(log E + row_shift + column_shift) as E ⊙ x yᵀ (relative potentials, as :meth:`ShiftedKernel.plan`;
+        every query is in the column marginals, so ``column`` changes nothing)."""
+        if not isinstance(column_shift, Tensor):
+            column_shift = self.column_offset + column_shift
+        peak = column_shift.amax(-1, keepdim=True)
+        return BlockKernelPlan(self, (row_shift + peak).exp(), (column_shift - peak).exp())
+
+    def forward_steps(self, steps: int, value: Tensor) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """``steps`` half-steps (rows first) from v = 0 and the output A V, A = exp(S + u + v) with the last
+        iterates: row potentials after each row step, column potentials (relative) after each column step."""
+        support, tiny = self.support, torch.finfo(self.query.dtype).tiny
+        us, vs, v, output = [], [], self.column_offset, None
+        for first in range(0, steps, 2):
+            column = first + 1 < steps
+            peak_v = v.amax(-1, keepdim=True)
+            y = (v - peak_v).exp()
+            values = None if column or steps % 2 == 0 else y.transpose(-1, -2) * value
+            u_parts, out_parts, total, total_peak = [], [], None, None
+            for index, rows in enumerate(self.slices):
+                kernel = self.block(index)
+                u = -(peak_v + _row_sums(kernel, y).clamp_min(tiny).log())
+                if support.row_has_mass is not None:
+                    u = u.masked_fill(~query_rows(support.row_has_mass, rows), 0.0)
+                u_parts.append(u)
+                if column:  # this block's share of lse_q(log E + u), online against a running peak
+                    peak = u.amax(-2, keepdim=True)
+                    peak = peak if total_peak is None else torch.maximum(total_peak, peak)
+                    part = torch.matmul((u - peak).exp().transpose(-1, -2), kernel)
+                    total = part if total is None else total.mul_((total_peak - peak).exp()).add_(part)
+                    total_peak = peak
+                elif values is not None:
+                    out_parts.append((u + peak_v).exp() * torch.matmul(kernel, values))
+            us.append(torch.cat(u_parts, -2))
+            if column:
+                v = support.log_target - (total_peak + total.clamp_min(tiny).log())
+                if support.column_has_mass is not None:
+                    v = v.masked_fill(~support.column_has_mass, 0.0)
+                vs.append(v)
+            if out_parts:
+                output = torch.cat(out_parts, -2)
+        if output is None:  # even K: the last step is a column step
+            output = self.plan(us[-1], vs[-1], False).times_values(value)
+        return us, vs, output
+
+
+class BlockKernelPlan(Plan):
+    """The plan E ⊙ x yᵀ with E recomputed block by block; x (..., Lq, 1), y (..., 1, Lk)."""
+
+    def __init__(self, kernel: BlockKernel, x: Tensor, y: Tensor) -> None:
+        self.kernel, self.x, self.y = kernel, x, y
+
+    def times(self, weight: Tensor) -> Tensor:
+        """(..., 1, Lk) -> (..., Lq, 1)."""
+        weight = self.y * weight
+        parts = [_row_sums(self.kernel.block(i), weight) for i in range(len(self.kernel.slices))]
+        return self.x * torch.cat(parts, -2)
+
+    def rtimes(self, weight: Tensor) -> Tensor:
+        """(..., Lq, 1) -> (..., 1, Lk)."""
+        weight, total = self.x * weight, 0
+        for index, rows in enumerate(self.kernel.slices):
+            total = total + torch.matmul(weight[..., rows, :].transpose(-1, -2), self.kernel.block(index))
+        return self.y * total
+
+    def gram(self, weight: Tensor, row_weight: Tensor) -> Tensor:
+        return self.rtimes(row_weight * self.times(weight))
+
+    def block(self, index: int, out: Tensor | None = None) -> Tensor:
+        rows = self.kernel.slices[index]
+        kernel = self.kernel.block(index)
+        out = kernel if out is None else out
+        return torch.mul(kernel, self.x[..., rows, :], out=out).mul_(self.y)
+
+    def times_values(self, value: Tensor) -> Tensor:
+        """plan @ value, (..., Lk, Dv) -> (..., Lq, Dv)."""
+        values = self.y.transpose(-1, -2) * value
+        parts = [torch.matmul(self.kernel.block(i), values) for i in range(len(self.kernel.slices))]
+        return self.x * torch.cat(parts, -2)
+
+    def rtimes_values(self, grad: Tensor) -> Tensor:
+        """planᵀ @ grad, (..., Lq, Dv) -> (..., Lk, Dv)."""
+        grad, total = self.x * grad, 0
+        for index, rows in enumerate(self.kernel.slices):
+            total = total + torch.matmul(self.kernel.block(index).transpose(-1, -2), grad[..., rows, :])
+        return self.y.transpose(-1, -2) * total
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    return torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1)).squeeze(-1)
+
+
+class KernelStreamingAttention(torch.autograd.Function):
+    """(query, key, value, bias, allowed, options) -> output (..., Lq, Dv), for the calls
+    :func:`kernel_streaming_supports` accepts."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, bias, allowed, options: RouteOptions):
+        kernel = BlockKernel(query, key, bias, allowed, options.scale, options.block_size)
+        us, vs, output = kernel.forward_steps(options.settings.iterations, value)
+        ctx.options, ctx.counts = options, (len(us), len(vs))
+        offsets = (kernel.row_offset, kernel.column_offset)
+        ctx.save_for_backward(query, key, value, bias, allowed, output, *offsets, *us, *vs)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query, key, value, bias, allowed, output, row_offset, column_offset, *rest = ctx.saved_tensors
+        options: RouteOptions = ctx.options
+        n_us, _ = ctx.counts
+        us, vs = list(rest[:n_us]), list(rest[n_us:])
+        kernel = BlockKernel(query, key, bias, allowed, options.scale, options.block_size, (row_offset, column_offset))
+        support = kernel.support
+        final = kernel.plan(us[-1], vs[-1], False)
+        grad_value = final.rtimes_values(grad_output)  # rowsum(A ⊙ dA) = dO·O, colsum(A ⊙ dA) = V·dV
+        grad_u = _rowdot(grad_output, output)
+        grad_v = _rowdot(value, grad_value).transpose(-1, -2)
+        if options.settings.backward == "implicit":
+            terms = implicit_terms(final, grad_u, grad_v, support, options.solver)
+        else:
+            plans = step_plans(kernel.plan, us, vs, support.log_target)
+            grad_us = [None] * (n_us - 1) + [grad_u]
+            grad_vs = [None] * (len(vs) - 1) + [grad_v]
+            terms = unrolled_terms(plans, [], grad_us, grad_vs, support)
+        lefts, rights = [final.x * grad_output], [final.y.transpose(-1, -2) * value]
+        if terms:
+            left, right = rank_factors(terms)
+            lefts.append(-left)
+            rights.append(right.transpose(-1, -2))
+        lefts, rights = torch.cat(lefts, -1), torch.cat(rights, -1).transpose(-1, -2)
+        targets = {
+            "query": torch.zeros_like(query) if ctx.needs_input_grad[0] else None,
+            "key": torch.zeros_like(key) if ctx.needs_input_grad[1] else None,
+            "bias": torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[3] else None,
+        }
+        if any(target is not None for target in targets.values()):
+            grad_scores = torch.empty_like(kernel.scratch(0))
+            for index, rows in enumerate(kernel.slices):
+                out = grad_scores[..., : rows.stop - rows.start, :]
+                matmul_into(lefts[..., rows, :], rights, out).mul_(kernel.block(index))
+                contract(query, key, options.scale, rows, out, targets)
+        grad_value = grad_value if ctx.needs_input_grad[2] else None
+        return targets["query"], targets["key"], grad_value, targets["bias"], None, None
