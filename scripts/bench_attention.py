@@ -49,6 +49,8 @@ from tqdm import tqdm
 from sinkhorn_hf.atomic_files import write_json_atomic
 from sinkhorn_hf.attention import SinkhornSettings
 from sinkhorn_hf.attention.routes import block_size_for, sinkhorn_attention
+from sinkhorn_hf.attention.settings import RouteOptions
+from sinkhorn_hf.attention.streaming import StreamingSinkhornAttention
 
 _MIB = 2**20
 MIN_RUN_S = 0.2  # shorter timed runs loop over the call
@@ -57,8 +59,15 @@ MIN_RUN_S = 0.2  # shorter timed runs loop over the call
 SDPA_KERNELS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-mem": "EFFICIENT_ATTENTION"}  # name -> SDPBackend member
 
 
-def _methods(iterations: list[int], device: str = "cpu") -> list[str]:
+BASELINES = {  # --baselines name -> method prefix
+    "log-streaming": "logstream",  # the log-domain streaming route (before the kernel domain), forced
+    "naive-compiled": "naive",  # the textbook log-domain loop on the whole score matrix, through torch.compile
+}
+
+
+def _methods(iterations: list[int], device: str = "cpu", baselines: tuple[str, ...] = ()) -> list[str]:
     sinkhorn = [f"sinkhorn{k}" for k in iterations]
+    sinkhorn += [f"{BASELINES[name]}{k}" for name in baselines for k in iterations if k > 1]
     if device != "cuda":
         return ["sdpa", "eager"] + sinkhorn
     return ["sdpa", *SDPA_KERNELS, "eager"] + sinkhorn + [f"triton{k}" for k in iterations]
@@ -76,6 +85,10 @@ def _route(method: str, n: int, dim: int) -> str:
 
 
 def _label(method: str, n: int, dim: int) -> str:
+    if method.startswith("logstream"):
+        return f"log-domain streaming K={method.removeprefix('logstream')}"
+    if method.startswith("naive"):
+        return f"naive log-domain loop, compiled, K={method.removeprefix('naive')}"
     for prefix in ("sinkhorn", "triton"):
         if method.startswith(prefix):
             return f"sinkhorn K={method.removeprefix(prefix)} ({_route(method, n, dim)})"
@@ -119,6 +132,18 @@ def _attention(method: str, compile_: bool = False, padded: bool = False):
             scores = scores if allowed is None else scores.masked_fill(~allowed, float("-inf"))
             return torch.matmul(torch.softmax(scores, -1), v)
 
+    elif method.startswith("logstream"):
+        iterations = int(method.removeprefix("logstream"))
+
+        def fn(q, k, v):
+            settings = SinkhornSettings(iterations=iterations, backend="torch", streaming=True)
+            allowed, query_valid = masks(q)
+            n, scale = q.shape[-2], q.shape[-1] ** -0.5
+            options = RouteOptions(settings, scale, block_size_for(settings, n, n, q.shape[-1]))
+            return StreamingSinkhornAttention.apply(q, k, v, None, allowed, query_valid, options)
+
+    elif method.startswith("naive"):
+        return torch.compile(_naive_loop(int(method.removeprefix("naive")), masks))
     else:
         prefix = "triton" if method.startswith("triton") else "sinkhorn"
         iterations = int(method.removeprefix(prefix))
@@ -135,6 +160,29 @@ def _attention(method: str, compile_: bool = False, padded: bool = False):
     return torch.compile(fn)
 
 
+def _naive_loop(iterations: int, masks):
+    """fn(q, k, v): K alternating row and column normalisations of the whole log score matrix (the column target
+    n_q / n_k over the valid queries), then A V: the loop a user would write and hand to torch.compile."""
+
+    def fn(q, k, v):
+        allowed, query_valid = masks(q)
+        scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, -1e30)
+        for step in range(iterations):
+            if step % 2 == 0:
+                scores = scores - scores.logsumexp(-1, keepdim=True)
+            elif query_valid is None:
+                scores = scores - scores.logsumexp(-2, keepdim=True)
+            else:
+                outside = torch.where(query_valid, 0.0, -1e30)
+                n_q = query_valid.sum(-2, keepdim=True)
+                scores = scores - (scores + outside).logsumexp(-2, keepdim=True) + (n_q / q.shape[-2]).log()
+        return torch.matmul(scores.exp(), v)
+
+    return fn
+
+
 def _synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -145,7 +193,7 @@ def _estimated_bytes(method: str, n: int, batch: int, heads: int, dim: int, item
     float32 score matrices where the method materialises them."""
     vectors = 8 * batch * heads * n * dim * item
     scores = batch * heads * n * n * 4
-    materialises = method == "eager" or _route(method, n, dim) == "dense"
+    materialises = method in ("eager",) or method.startswith("naive") or _route(method, n, dim) == "dense"
     return vectors + (4 * scores if materialises else 0)
 
 
@@ -286,7 +334,7 @@ def render(results: dict, args) -> str:
     for n_text, row in results.items():
         n = int(n_text)
         base = row.get("sdpa", {})
-        for method in _methods(args.iterations, args.device):
+        for method in _methods(args.iterations, args.device, tuple(args.baselines)):
             entry = row.get(method)
             if entry is None:
                 continue
@@ -307,7 +355,19 @@ def render(results: dict, args) -> str:
 
 def settings_of(args) -> dict:
     """What a results file's numbers depend on (sizes and K may grow on resume; the rest may not change)."""
-    keys = ("batch", "heads", "dim", "threads", "repeats", "device", "dtype", "compile", "padded", "memory")
+    keys = (
+        "batch",
+        "heads",
+        "dim",
+        "threads",
+        "repeats",
+        "device",
+        "dtype",
+        "compile",
+        "padded",
+        "memory",
+        "baselines",
+    )
     return {key: getattr(args, key) for key in keys} | {"torch": torch.__version__}
 
 
@@ -326,7 +386,7 @@ def run(args) -> dict:
         )
     results = stored["sizes"]
     limit = args.memory_limit_gib * 2**30
-    methods = _methods(args.iterations, args.device)
+    methods = _methods(args.iterations, args.device, tuple(args.baselines))
     item = getattr(torch, args.dtype).itemsize
     for n in tqdm(args.sizes, desc="sizes"):
         if str(n) in results:
@@ -395,6 +455,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile every method (SDPA, eager, Sinkhorn)")
     parser.add_argument("--padded", action="store_true", help="mask every method as a padded batch")
+    parser.add_argument(
+        "--baselines",
+        nargs="*",
+        choices=sorted(BASELINES),
+        default=[],
+        help="extra arms at each K > 1: log-streaming (the log-domain streaming route, forced) and naive-compiled "
+        "(the naive log-domain loop through torch.compile)",
+    )
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -216,11 +216,23 @@ class KernelStreamingAttention(torch.autograd.Function):
         kernel = BlockKernel(query, key, bias, allowed, options.scale, options.block_size, (row_offset, column_offset))
         support = kernel.support
         final = kernel.plan(us[-1], vs[-1], False)
-        grad_value = final.rtimes_values(grad_output)  # rowsum(A ⊙ dA) = dO·O, colsum(A ⊙ dA) = V·dV
-        grad_u = _rowdot(grad_output, output)
+        unrolled = options.settings.backward != "implicit"
+        weight = grad_u = _rowdot(grad_output, output)  # rowsum(A ⊙ dA) = dO·O, colsum(A ⊙ dA) = V·dV
+        if support.row_has_mass is not None:
+            weight = grad_u.masked_fill(~support.row_has_mass, 0.0)
+        fused = unrolled and len(us) > len(vs)  # odd K: A is the last row step's plan, its Aᵀ w rides along with dV
+        if fused:
+            both = final.rtimes_values(torch.cat([grad_output, weight], -1))
+            grad_value, pulled = both[..., :-1], both[..., -1:].transpose(-1, -2)
+        else:
+            grad_value = final.rtimes_values(grad_output)
         grad_v = _rowdot(value, grad_value).transpose(-1, -2)
-        if options.settings.backward == "implicit":
+        if not unrolled:
             terms = implicit_terms(final, grad_u, grad_v, support, options.solver)
+        elif fused:  # the sweep from the column step before the last row step (which is done: v̄ = dv - Aᵀ w)
+            plans = step_plans(kernel.plan, us, vs, support.log_target)[:-1]
+            grad_vs = [None] * (len(vs) - 1) + [grad_v - pulled]
+            terms = unrolled_terms(plans, [], [None] * n_us, grad_vs, support) + [(final, weight, None)]
         else:
             plans = step_plans(kernel.plan, us, vs, support.log_target)
             grad_us = [None] * (n_us - 1) + [grad_u]
