@@ -22,7 +22,7 @@ from torch import Tensor
 from .implicit import implicit_terms
 from .iterations import step_plans, unrolled_terms
 from .kernel import ShiftedKernel, _row_sums, kernel_domain_fits, matmul_into, rank_factors
-from .scores import LN2, LOG2E, Plan, contract, marginal_support, query_blocks, query_rows
+from .scores import LN2, LOG2E, Plan, add_product_, contract, marginal_support, query_blocks, query_rows
 from .settings import RouteOptions
 
 
@@ -184,10 +184,21 @@ class BlockKernelPlan(Plan):
 
     def rtimes_values(self, grad: Tensor) -> Tensor:
         """planᵀ @ grad, (..., Lq, Dv) -> (..., Lk, Dv)."""
-        grad, total = self.x * grad, 0
+        grad = self.x * grad
+        total = grad.new_zeros(*grad.shape[:-2], self.y.shape[-1], grad.shape[-1])
         for index, rows in enumerate(self.kernel.slices):
-            total = total + torch.matmul(self.kernel.block(index).transpose(-1, -2), grad[..., rows, :])
-        return self.y.transpose(-1, -2) * total
+            add_product_(total, self.kernel.block(index).transpose(-1, -2), grad[..., rows, :])
+        return total.mul_(self.y.transpose(-1, -2))
+
+
+def _first_row_factor(deferred, block: Tensor, rows: slice, row_has_mass: Tensor | None) -> Tensor:
+    """-x₀ ⊙ w₀ on the block's rows for the first row step's term, w₀ = -(Q₁ v̄) (masked to rows with mass): the
+    column step's product is row-local, so it needs no pass of its own."""
+    column_plan, weighted, row_plan = deferred
+    pulled = column_plan.x[..., rows, :] * _row_sums(block, weighted)
+    if row_has_mass is not None:
+        pulled = pulled.masked_fill(~query_rows(row_has_mass, rows), 0.0)
+    return row_plan.x[..., rows, :] * pulled
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
@@ -216,7 +227,7 @@ class KernelStreamingAttention(torch.autograd.Function):
         kernel = BlockKernel(query, key, bias, allowed, options.scale, options.block_size, (row_offset, column_offset))
         support = kernel.support
         final = kernel.plan(us[-1], vs[-1], False)
-        unrolled = options.settings.backward != "implicit"
+        unrolled, deferred = options.settings.backward != "implicit", None
         weight = grad_u = _rowdot(grad_output, output)  # rowsum(A ⊙ dA) = dO·O, colsum(A ⊙ dA) = V·dV
         if support.row_has_mass is not None:
             weight = grad_u.masked_fill(~support.row_has_mass, 0.0)
@@ -229,6 +240,13 @@ class KernelStreamingAttention(torch.autograd.Function):
         grad_v = _rowdot(value, grad_value).transpose(-1, -2)
         if not unrolled:
             terms = implicit_terms(final, grad_u, grad_v, support, options.solver)
+        elif fused and len(vs) == 1:  # K = 3: the first row step's weight -Q1 w is row-local: made per block below
+            column_weight = grad_v - pulled
+            if support.column_has_mass is not None:
+                column_weight = column_weight.masked_fill(~support.column_has_mass, 0.0)
+            column_plan = kernel.plan(us[0], vs[0] - support.log_target, True)
+            deferred = (column_plan, column_plan.y * column_weight, kernel.plan(us[0], 0.0, False))
+            terms = [(final, weight, None), (column_plan, None, column_weight)]
         elif fused:  # the sweep from the column step before the last row step (which is done: v̄ = dv - Aᵀ w)
             plans = step_plans(kernel.plan, us, vs, support.log_target)[:-1]
             grad_vs = [None] * (len(vs) - 1) + [grad_v - pulled]
@@ -243,17 +261,22 @@ class KernelStreamingAttention(torch.autograd.Function):
             left, right = rank_factors(terms)
             lefts.append(-left)
             rights.append(right.transpose(-1, -2))
+        if deferred is not None:
+            rights.append(deferred[2].y.transpose(-1, -2))
         lefts, rights = torch.cat(lefts, -1), torch.cat(rights, -1).transpose(-1, -2)
         targets = {
             "query": torch.zeros_like(query) if ctx.needs_input_grad[0] else None,
-            "key": torch.zeros_like(key) if ctx.needs_input_grad[1] else None,
+            "key": key.new_zeros(key.shape) if ctx.needs_input_grad[1] else None,
             "bias": torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[3] else None,
         }
         if any(target is not None for target in targets.values()):
             grad_scores = torch.empty_like(kernel.scratch(0))
             for index, rows in enumerate(kernel.slices):
                 out = grad_scores[..., : rows.stop - rows.start, :]
-                matmul_into(lefts[..., rows, :], rights, out).mul_(kernel.block(index))
+                block, left = kernel.block(index), lefts[..., rows, :]
+                if deferred is not None:
+                    left = torch.cat([left, _first_row_factor(deferred, block, rows, support.row_has_mass)], -1)
+                matmul_into(left, rights, out).mul_(block)
                 contract(query, key, options.scale, rows, out, targets)
         grad_value = grad_value if ctx.needs_input_grad[2] else None
         return targets["query"], targets["key"], grad_value, targets["bias"], None, None
