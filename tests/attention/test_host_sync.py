@@ -17,6 +17,7 @@ ROUTES = {
     "dense-implicit": dict(iterations=4, streaming=False, backward="implicit"),
     "streaming-unrolled": dict(iterations=4, streaming=True, block_size=3),
     "streaming-implicit": dict(iterations=3, streaming=True, block_size=3, backward="implicit"),
+    "streaming-kernel": dict(iterations=3, streaming=True, block_size=3),  # no query validity: kernel domain
 }
 
 
@@ -63,6 +64,8 @@ def test_the_spy_catches_a_synchronisation():
 @pytest.mark.parametrize("route", ROUTES)
 def test_forward_and_backward_never_synchronise(route, tolerance):
     tensors, masks = padded_case()
+    if route == "streaming-kernel":
+        masks["query_valid"] = None
     settings = SinkhornSettings(tolerance=tolerance, **ROUTES[route])
     with no_host_sync():
         out, _ = sinkhorn_attention(*tensors, **masks, settings=settings)

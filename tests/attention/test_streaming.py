@@ -6,6 +6,7 @@ from tiny_models import make_tiny
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sinkhorn_hf.attention.routes as routes_module
+import sinkhorn_hf.attention.streaming as streaming_module
 from sinkhorn_hf.attention import SinkhornSettings
 from sinkhorn_hf.attention.routes import sinkhorn_attention
 
@@ -37,6 +38,31 @@ def test_streaming_equals_dense(iterations, block_size, with_bias, backward):
     tensors, masks = problem(bias=with_bias, seed=iterations)
     dense = run(tensors, masks, iterations=iterations, streaming=False, backward=backward)
     streamed = run(tensors, masks, iterations=iterations, streaming=True, block_size=block_size, backward=backward)
+    torch.testing.assert_close(streamed, dense, rtol=0, atol=1e-12)
+    inputs = [*tensors] + ([masks["bias"]] if with_bias else [])
+    upstream = torch.randn_like(dense)
+    got = torch.autograd.grad((streamed * upstream).sum(), inputs)
+    expected = torch.autograd.grad((dense * upstream).sum(), inputs)
+    for mine, theirs in zip(got, expected, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-9 * theirs.abs().max())
+
+
+@pytest.mark.parametrize("iterations", [2, 3, pytest.param(4, marks=SLOW), pytest.param(5, marks=SLOW)])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("backward", ["unrolled", "implicit"])
+def test_kernel_streaming_equals_dense(iterations, padded, with_bias, backward):
+    """Without query validity the streaming route works in the kernel domain (blocks of E = exp(S - m - c)); it
+    equals the dense route, padded keys or not, with a bias or not."""
+    tensors, masks = problem(bias=with_bias, seed=iterations)
+    masks = {"allowed": masks["allowed"] if padded else None, "bias": masks["bias"]}
+    calls = []
+    original = streaming_module.KernelStreamingAttention.apply
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(streaming_module.KernelStreamingAttention, "apply", lambda *a: calls.append(1) or original(*a))
+        streamed = run(tensors, masks, iterations=iterations, streaming=True, block_size=7, backward=backward)
+    assert calls, "the kernel-domain streaming Function was not used"
+    dense = run(tensors, masks, iterations=iterations, streaming=False, backward=backward)
     torch.testing.assert_close(streamed, dense, rtol=0, atol=1e-12)
     inputs = [*tensors] + ([masks["bias"]] if with_bias else [])
     upstream = torch.randn_like(dense)
