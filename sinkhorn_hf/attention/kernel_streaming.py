@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .implicit import implicit_terms
 from .iterations import step_plans, unrolled_terms
-from .kernel import ShiftedKernel, _row_sums, kernel_domain_fits, matmul_into, rank_factors
+from .kernel import add_mask_, kernel_domain_fits, matmul_into, rank_factors, row_sums
 from .scores import LN2, LOG2E, Plan, add_product_, contract, marginal_support, query_blocks, query_rows
 from .settings import RouteOptions
 
@@ -67,7 +67,7 @@ class BlockKernel:
         out = matmul_into(
             self.query[..., rows, :] * (self.scale * LOG2E), self.key.transpose(-1, -2), self.scratch(index)
         )
-        ShiftedKernel._mask(out, query_rows(self.bias, rows), query_rows(self.allowed, rows))
+        add_mask_(out, query_rows(self.bias, rows), query_rows(self.allowed, rows))
         return out
 
     def _shifts(self) -> tuple[Tensor, Tensor]:
@@ -99,7 +99,7 @@ class BlockKernel:
             -1,
         )
         out = matmul_into(left, self._right, self.scratch(index))
-        ShiftedKernel._mask(out, query_rows(self.bias, rows), query_rows(self.allowed, rows))
+        add_mask_(out, query_rows(self.bias, rows), query_rows(self.allowed, rows))
         return out.exp2_()
 
     def plan(self, row_shift: Tensor, column_shift: Tensor | float, column: bool) -> BlockKernelPlan:
@@ -123,7 +123,7 @@ class BlockKernel:
             u_parts, out_parts, total, total_peak = [], [], None, None
             for index, rows in enumerate(self.slices):
                 kernel = self.block(index)
-                u = -(peak_v + _row_sums(kernel, y).clamp_min(tiny).log())
+                u = -(peak_v + row_sums(kernel, y).clamp_min(tiny).log())
                 if support.row_has_mass is not None:
                     u = u.masked_fill(~query_rows(support.row_has_mass, rows), 0.0)
                 u_parts.append(u)
@@ -157,7 +157,7 @@ class BlockKernelPlan(Plan):
     def times(self, weight: Tensor) -> Tensor:
         """(..., 1, Lk) -> (..., Lq, 1)."""
         weight = self.y * weight
-        parts = [_row_sums(self.kernel.block(i), weight) for i in range(len(self.kernel.slices))]
+        parts = [row_sums(self.kernel.block(i), weight) for i in range(len(self.kernel.slices))]
         return self.x * torch.cat(parts, -2)
 
     def rtimes(self, weight: Tensor) -> Tensor:
@@ -195,7 +195,7 @@ def _first_row_factor(deferred, block: Tensor, rows: slice, row_has_mass: Tensor
     """-x₀ ⊙ w₀ on the block's rows for the first row step's term, w₀ = -(Q₁ v̄) (masked to rows with mass): the
     column step's product is row-local, so it needs no pass of its own."""
     column_plan, weighted, row_plan = deferred
-    pulled = column_plan.x[..., rows, :] * _row_sums(block, weighted)
+    pulled = column_plan.x[..., rows, :] * row_sums(block, weighted)
     if row_has_mass is not None:
         pulled = pulled.masked_fill(~query_rows(row_has_mass, rows), 0.0)
     return row_plan.x[..., rows, :] * pulled

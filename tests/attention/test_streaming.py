@@ -25,6 +25,16 @@ def run(tensors, masks, **settings):
     return sinkhorn_attention(*tensors, **masks, settings=SinkhornSettings(**settings))[0]
 
 
+def assert_same(streamed, dense, inputs):
+    """The same output and the same gradients w.r.t. ``inputs``, to float64 rounding."""
+    torch.testing.assert_close(streamed, dense, rtol=0, atol=1e-12)
+    upstream = torch.randn_like(dense)
+    got = torch.autograd.grad((streamed * upstream).sum(), inputs)
+    expected = torch.autograd.grad((dense * upstream).sum(), inputs)
+    for mine, theirs in zip(got, expected, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-9 * theirs.abs().max())
+
+
 # 2 and 3 end on either normalisation; 4 and 5 repeat that with one more pass each (slow). Blocks of 7 keys: several
 # blocks and a partial last one (40 = 5 * 7 + 5); of 40: one block; of 1 key: the extreme, 40 blocks (slow).
 SLOW = pytest.mark.slow
@@ -38,13 +48,7 @@ def test_streaming_equals_dense(iterations, block_size, with_bias, backward):
     tensors, masks = problem(bias=with_bias, seed=iterations)
     dense = run(tensors, masks, iterations=iterations, streaming=False, backward=backward)
     streamed = run(tensors, masks, iterations=iterations, streaming=True, block_size=block_size, backward=backward)
-    torch.testing.assert_close(streamed, dense, rtol=0, atol=1e-12)
-    inputs = [*tensors] + ([masks["bias"]] if with_bias else [])
-    upstream = torch.randn_like(dense)
-    got = torch.autograd.grad((streamed * upstream).sum(), inputs)
-    expected = torch.autograd.grad((dense * upstream).sum(), inputs)
-    for mine, theirs in zip(got, expected, strict=True):
-        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-9 * theirs.abs().max())
+    assert_same(streamed, dense, [*tensors] + ([masks["bias"]] if with_bias else []))
 
 
 @pytest.mark.parametrize("iterations", [2, 3, pytest.param(4, marks=SLOW), pytest.param(5, marks=SLOW)])
@@ -63,13 +67,7 @@ def test_kernel_streaming_equals_dense(iterations, padded, with_bias, backward):
         streamed = run(tensors, masks, iterations=iterations, streaming=True, block_size=7, backward=backward)
     assert calls, "the kernel-domain streaming Function was not used"
     dense = run(tensors, masks, iterations=iterations, streaming=False, backward=backward)
-    torch.testing.assert_close(streamed, dense, rtol=0, atol=1e-12)
-    inputs = [*tensors] + ([masks["bias"]] if with_bias else [])
-    upstream = torch.randn_like(dense)
-    got = torch.autograd.grad((streamed * upstream).sum(), inputs)
-    expected = torch.autograd.grad((dense * upstream).sum(), inputs)
-    for mine, theirs in zip(got, expected, strict=True):
-        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-9 * theirs.abs().max())
+    assert_same(streamed, dense, [*tensors] + ([masks["bias"]] if with_bias else []))
 
 
 class LargestOutput(TorchDispatchMode):
