@@ -53,9 +53,11 @@ class BlockKernel:
         rows = self.slices[0].stop
         self._scratch = torch.empty((*batch_shape, rows, n_k), dtype=query.dtype, device=query.device)
         self.row_offset, self.column_offset = self._shifts() if offsets is None else offsets
-        # Q Kᵀ - m 1ᵀ - 1 cᵀ = [Q, -m, 1] [K, 1, -c]ᵀ in base 2
+        # scale·Q Kᵀ - m 1ᵀ - 1 cᵀ = [Q, -m, 1] [scale·K, 1, -c]ᵀ in base 2: a block's left factor is one cat
         ones = torch.ones_like(self.column_offset).transpose(-1, -2)
-        self._right = torch.cat([key, ones, self.column_offset.transpose(-1, -2) * -LOG2E], -1).transpose(-1, -2)
+        columns = self.column_offset.transpose(-1, -2) * -LOG2E
+        self._right = torch.cat([key * (scale * LOG2E), ones, columns], -1).transpose(-1, -2)
+        self._row_terms = torch.cat([self.row_offset * -LOG2E, torch.ones_like(self.row_offset)], -1)
 
     def scratch(self, index: int) -> Tensor:
         rows = self.slices[index]
@@ -89,15 +91,7 @@ class BlockKernel:
     def block(self, index: int) -> Tensor:
         """E on block ``index`` (..., rows, Lk), in the scratch buffer: one product, one exponential."""
         rows = self.slices[index]
-        query = self.query[..., rows, :]
-        left = torch.cat(
-            [
-                query * (self.scale * LOG2E),
-                self.row_offset[..., rows, :] * -LOG2E,
-                torch.ones_like(self.row_offset[..., rows, :]),
-            ],
-            -1,
-        )
+        left = torch.cat([self.query[..., rows, :], self._row_terms[..., rows, :]], -1)
         out = matmul_into(left, self._right, self.scratch(index))
         add_mask_(out, query_rows(self.bias, rows), query_rows(self.allowed, rows))
         return out.exp2_()
