@@ -87,12 +87,15 @@ def run_settings(model_args: ModelArguments, data_args: Any) -> dict[str, Any]:
 
 def run_task(task: Task, model_args: ModelArguments, data_args: Any, trainer_args: TrainerArguments) -> RunResults:
     """Fine-tune on ``task``; writes the model, its processor and results.json into ``--output_dir`` (and a
-    card and a Hub upload with ``--push_to_hub``)."""
+    card and a Hub upload with ``--push_to_hub``). Progress is printed as lines, not bars, when stderr is not a
+    terminal (a log file, CI), the libraries' own bars included."""
     import transformers
 
     from .modeling import build_model, load_config
     from .trainer import Trainer, make_accelerator
 
+    if not sys.stderr.isatty():  # a log file: no carriage-return bars from the libraries either
+        _quiet_library_bars()
     # Refuse a run that would mix with another's checkpoints before spending minutes on data and model.
     check_run_start(trainer_args.output_dir, trainer_args.resume_from_checkpoint, trainer_args.overwrite_output_dir)
     accelerator = make_accelerator(trainer_args)
@@ -198,8 +201,6 @@ def main(task: Task, argv: Sequence[str] | None = None) -> RunResults:
     is a usage error (a one-line usage hint, the message, exit status 2); a user mistake found later is one line,
     exit status 1 (:data:`RUN_ERRORS` and every :class:`~sinkhorn_hf.user_errors.UserError`)."""
     argv, debug = debug_requested(sys.argv[1:] if argv is None else argv)
-    if not sys.stderr.isatty():  # a log file: no carriage-return bars from the libraries either
-        _quiet_library_bars()
     parser = task_parser(task)
     try:
         arguments = parser.parse_args_into_dataclasses(argv)
