@@ -498,5 +498,7 @@ def test_a_signal_to_one_of_two_processes_stops_both_after_the_same_step(tiny_be
         f"a signal to another process: stopped after step 3 of 7 and wrote {checkpoint_dir(tmp_path / 'job', 3)}; "
         "continue with --resume_from_checkpoint latest (exit status 75)"
     )
-    assert done.stderr.count("exitcode  : 75") == 2  # both processes (the launcher reports its own failure)
+    # The launcher reports a failure with our status; when one process exits first, torch elastic may tear the
+    # other down before it exits by itself, so how many of the two it lists with 75 depends on timing.
+    assert done.stderr.count("exitcode  : 75") >= 1
     assert [p.name for p in list_checkpoints(tmp_path / "job")] == ["step_3"]
