@@ -62,12 +62,14 @@ SDPA_KERNELS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-mem": "EFFICIENT_ATTENTIO
 BASELINES = {  # --baselines name -> method prefix
     "log-streaming": "logstream",  # the log-domain streaming route (before the kernel domain), forced
     "naive-compiled": "naive",  # the textbook log-domain loop on the whole score matrix, through torch.compile
+    "matmul-floor": "floor",  # (Q Kᵀ) V alone: the two products every route that forms the scores pays
 }
 
 
 def _methods(iterations: list[int], device: str = "cpu", baselines: tuple[str, ...] = ()) -> list[str]:
     sinkhorn = [f"sinkhorn{k}" for k in iterations]
-    sinkhorn += [f"{BASELINES[name]}{k}" for name in baselines for k in iterations if k > 1]
+    sinkhorn += [f"{BASELINES[name]}{k}" for name in baselines if name != "matmul-floor" for k in iterations if k > 1]
+    sinkhorn += ["floor"] if "matmul-floor" in baselines else []
     if device != "cuda":
         return ["sdpa", "eager"] + sinkhorn
     return ["sdpa", *SDPA_KERNELS, "eager"] + sinkhorn + [f"triton{k}" for k in iterations]
@@ -89,6 +91,8 @@ def _label(method: str, n: int, dim: int) -> str:
         return f"log-domain streaming K={method.removeprefix('logstream')}"
     if method.startswith("naive"):
         return f"naive log-domain loop, compiled, K={method.removeprefix('naive')}"
+    if method == "floor":
+        return "(Q Kᵀ) V alone, no normalisation"
     for prefix in ("sinkhorn", "triton"):
         if method.startswith(prefix):
             return f"sinkhorn K={method.removeprefix(prefix)} ({_route(method, n, dim)})"
@@ -142,6 +146,11 @@ def _attention(method: str, compile_: bool = False, padded: bool = False):
             options = RouteOptions(settings, scale, block_size_for(settings, n, n, q.shape[-1]))
             return StreamingSinkhornAttention.apply(q, k, v, None, allowed, query_valid, options)
 
+    elif method == "floor":
+
+        def fn(q, k, v):
+            return torch.matmul(q @ k.transpose(-1, -2), v)
+
     elif method.startswith("naive"):
         return torch.compile(_naive_loop(int(method.removeprefix("naive")), masks))
     else:
@@ -193,7 +202,7 @@ def _estimated_bytes(method: str, n: int, batch: int, heads: int, dim: int, item
     float32 score matrices where the method materialises them."""
     vectors = 8 * batch * heads * n * dim * item
     scores = batch * heads * n * n * 4
-    materialises = method in ("eager",) or method.startswith("naive") or _route(method, n, dim) == "dense"
+    materialises = method in ("eager", "floor") or method.startswith("naive") or _route(method, n, dim) == "dense"
     return vectors + (4 * scores if materialises else 0)
 
 
@@ -460,8 +469,8 @@ def main(argv: list[str] | None = None) -> None:
         nargs="*",
         choices=sorted(BASELINES),
         default=[],
-        help="extra arms at each K > 1: log-streaming (the log-domain streaming route, forced) and naive-compiled "
-        "(the naive log-domain loop through torch.compile)",
+        help="extra arms: at each K > 1, log-streaming (the log-domain streaming route, forced) and naive-compiled "
+        "(the naive log-domain loop through torch.compile); matmul-floor, once: (Q Kᵀ) V with no normalisation",
     )
     parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

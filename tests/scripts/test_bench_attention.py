@@ -48,3 +48,12 @@ def test_the_padding_masks_keys_and_queries_alike(bench):
     assert lengths.tolist() == [10, 8, 6, 10]
     assert torch.equal(allowed[:, 0, 0, :], query_valid[:, 0, :, 0])  # keys valid exactly where queries are
     assert allowed.all(dim=-2).eq(allowed.any(dim=-2)).all()  # the same keys for every query
+
+
+def test_the_matmul_floor_is_one_arm_timed_beside_the_routes(bench, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench.main(tiny(out, "--baselines", "matmul-floor"))
+    assert "| 16 | (Q Kᵀ) V alone, no normalisation |" in capsys.readouterr().out
+    assert set(json.loads(out.read_text())["sizes"]["16"]) == {"sdpa", "eager", "sinkhorn1", "sinkhorn3", "floor"}
+    q, k, v = (torch.randn(2, 3, 5, 4) for _ in range(3))
+    torch.testing.assert_close(bench._attention("floor")(q, k, v), q @ k.transpose(-1, -2) @ v)
