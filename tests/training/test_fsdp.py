@@ -29,7 +29,7 @@ from sinkhorn_hf.user_errors import UsageError
 
 STEPS = 3
 # (adjoint scheme, FSDP version)
-CASES = [("off", 2), ("euler", 2), ("heun", 2), ("checkpoint", 2), ("momentum", 2), ("euler", 1)]
+CASES = [("off", 2), ("euler", 2), ("heun", 2), ("checkpoint", 2), ("momentum", 2), ("reversible", 2), ("euler", 1)]
 AUTO_REFUSED = "'auto' does not run under FSDP"
 
 
