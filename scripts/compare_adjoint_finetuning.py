@@ -27,6 +27,7 @@ from experiment_files import markdown_table, write_grid_results
 
 from sinkhorn_hf.atomic_files import write_text_atomic
 
+REVERSIBLE_SMALL = ["--adjoint", "reversible", "--adjoint_coupling", "0.1", "--adjoint_tolerance", "0.1"]
 # arm -> the run_glue.py flags that make it
 ARMS = {
     "full": [],
@@ -35,7 +36,8 @@ ARMS = {
     "auto": ["--adjoint", "auto"],
     "momentum": ["--adjoint", "momentum"],
     "reversible": ["--adjoint", "reversible"],
-    "reversible-0.1": ["--adjoint", "reversible", "--adjoint_coupling", "0.1", "--adjoint_tolerance", "0.1"],
+    "reversible-0.1": REVERSIBLE_SMALL,
+    "reversible-0.1+lora": [*REVERSIBLE_SMALL, "--lora_r", "8"],
 }
 TASK_FILES = {"sst2": ("train.tsv", "dev.tsv"), "rte": ("train.tsv", "dev.tsv")}
 RUN_GLUE = Path(__file__).with_name("run_glue.py")
