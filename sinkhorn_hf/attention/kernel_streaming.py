@@ -9,9 +9,13 @@ x ⊙ E (y ⊙ V). So K half-steps cost 1 + ⌈K/2⌉ passes (one more for even 
 max, subtract, exp and sum in the log domain. The backward is the dense kernel route's, block by block: dV, the
 reverse sweep's products with E, then dS = E ⊙ ((x ⊙ dO)(y ⊙ V)ᵀ - X Yᵀ) per block, contracted into dQ, dK.
 
-Taken for the calls the kernel domain covers (:func:`kernel_streaming_supports`): no dropout, no tolerance, every
-query in the column marginals, and the scalings' range within the dtype. Extra memory: one block of E and one of
-dS, K with two columns appended, and O(K·N) vectors.
+Padded queries (outside the column marginals) are left out of the column maxima and get their own row shift against
+c, found in the first pass that rebuilds their block (a block holds whole rows), so they cost no pass of their own.
+
+Taken for the calls the kernel domain covers (:func:`kernel_streaming_supports`): no dropout, no tolerance, odd K
+when some queries are padded (for even K they take one more row step, which only the log-domain route does), and
+the scalings' range within the dtype. Extra memory: one block of E and one of dS, K with two columns appended, and
+O(K·N) vectors.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from torch import Tensor
 from .implicit import implicit_terms
 from .iterations import step_plans, unrolled_terms
 from .kernel import add_mask_, kernel_domain_fits, matmul_into, rank_factors, row_sums
-from .scores import LN2, LOG2E, Plan, add_product_, contract, marginal_support, query_blocks, query_rows
+from .scores import LN2, LOG2E, MASKED_LOGIT, Plan, add_product_, contract, marginal_support, query_blocks, query_rows
 from .settings import RouteOptions
 
 
@@ -32,7 +36,7 @@ def kernel_streaming_supports(query: Tensor, key: Tensor, query_valid: Tensor | 
     return (
         options.dropout == 0
         and settings.tolerance is None
-        and query_valid is None
+        and (query_valid is None or settings.iterations % 2 == 1)
         and kernel_domain_fits(settings.iterations, query.shape[-2], key.shape[-2], query.dtype)
     )
 
@@ -40,15 +44,18 @@ def kernel_streaming_supports(query: Tensor, key: Tensor, query_valid: Tensor | 
 class BlockKernel:
     """E = exp(S - m 1ᵀ - 1 cᵀ) (..., Lq, Lk) in blocks of query rows; S = scale·Q Kᵀ + bias on ``allowed``.
 
-    ``offsets`` (m (..., Lq, 1), c (..., 1, Lk), natural): the shifts when known (the backward); None finds them
-    with one pass. Every query counts in the column marginals.
+    ``query_valid`` (..., Lq, 1) bool or None: the queries in the column marginals. ``offsets`` (m (..., Lq, 1),
+    c (..., 1, Lk), natural): the shifts when known (the backward); None finds them with one pass, the padded
+    queries' own row shifts being settled by the first rebuild of each block (:meth:`block`).
     """
 
-    def __init__(self, query, key, bias, allowed, scale: float, block_size: int, offsets=None) -> None:
+    def __init__(self, query, key, bias, allowed, query_valid, scale: float, block_size: int, offsets=None) -> None:
         self.query, self.key, self.bias, self.allowed, self.scale = query, key, bias, allowed, scale
         n_q, n_k = query.shape[-2], key.shape[-2]
         self.slices = query_blocks(n_q, block_size)
-        self.support = marginal_support(allowed, None, n_q, n_k, query.dtype, self.slices)
+        self.support = marginal_support(allowed, query_valid, n_q, n_k, query.dtype, self.slices)
+        padded = offsets is None and query_valid is not None
+        self._unsettled = set(range(len(self.slices))) if padded else set()  # blocks whose padded rows wait
         batch_shape = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2])
         rows = self.slices[0].stop
         self._scratch = torch.empty((*batch_shape, rows, n_k), dtype=query.dtype, device=query.device)
@@ -73,15 +80,19 @@ class BlockKernel:
         return out
 
     def _shifts(self) -> tuple[Tensor, Tensor]:
-        """m (row maxima of S) and c (column maxima of S - m), natural, with one pass over the blocks."""
-        rows_mass, columns_mass = self.support.row_has_mass, self.support.column_has_mass
+        """m (row maxima of S) and c (column maxima of S - m over the valid queries), natural, with one pass over
+        the blocks."""
+        rows_mass, columns_mass, valid, _ = self.support
         row_max, column_max = [], None
         for index, rows in enumerate(self.slices):
             logits = self._logits(index)
             peak = logits.amax(-1, keepdim=True)
             if rows_mass is not None:  # a row without mass keeps MASKED_LOGIT: E is 0 there
                 peak = peak.masked_fill(~query_rows(rows_mass, rows), 0.0)
-            here = logits.sub_(peak).amax(-2, keepdim=True)
+            shifted = logits.sub_(peak)
+            if valid is not None:  # padded queries out of the maxima (an addition: see add_mask_)
+                shifted = shifted + torch.where(query_rows(valid, rows), 0.0, MASKED_LOGIT).to(shifted.dtype)
+            here = shifted.amax(-2, keepdim=True)
             column_max = here if column_max is None else torch.maximum(column_max, here)
             row_max.append(peak)
         if columns_mass is not None:
@@ -94,15 +105,31 @@ class BlockKernel:
         left = torch.cat([self.query[..., rows, :], self._row_terms[..., rows, :]], -1)
         out = matmul_into(left, self._right, self.scratch(index))
         add_mask_(out, query_rows(self.bias, rows), query_rows(self.allowed, rows))
+        if index in self._unsettled:
+            self._settle_padded_rows(index, out)
         return out.exp2_()
 
+    def _settle_padded_rows(self, index: int, logits: Tensor) -> None:
+        """Shift the padded queries of block ``index`` by their own maximum of S - m - c (base-2 ``logits``, in
+        place) and fold it into m: their rows then hold a 1 and nothing above, as the valid rows do."""
+        rows = self.slices[index]
+        valid = query_rows(self.support.query_valid, rows)
+        extra = logits.amax(-1, keepdim=True).clamp_min(0.0).masked_fill(valid, 0.0)  # a row without mass: 0
+        logits.sub_(extra)
+        self.row_offset[..., rows, :] += extra * LN2
+        self._row_terms[..., rows, :1] -= extra
+        self._unsettled.discard(index)
+
     def plan(self, row_shift: Tensor, column_shift: Tensor | float, column: bool) -> BlockKernelPlan:
-        """exp(log E + row_shift + column_shift) as E ⊙ x yᵀ (relative potentials, as :meth:`ShiftedKernel.plan`;
-        every query is in the column marginals, so ``column`` changes nothing)."""
+        """exp(log E + row_shift + column_shift) on the row (``column`` False) or column-marginal support as
+        E ⊙ x yᵀ (relative potentials, as :meth:`ShiftedKernel.plan`)."""
         if not isinstance(column_shift, Tensor):
             column_shift = self.column_offset + column_shift
         peak = column_shift.amax(-1, keepdim=True)
-        return BlockKernelPlan(self, (row_shift + peak).exp(), (column_shift - peak).exp())
+        x = (row_shift + peak).exp()
+        if column and self.support.query_valid is not None:
+            x = x.masked_fill(~self.support.query_valid, 0.0)
+        return BlockKernelPlan(self, x, (column_shift - peak).exp())
 
     def forward_steps(self, steps: int, value: Tensor) -> tuple[list[Tensor], list[Tensor], Tensor]:
         """``steps`` half-steps (rows first) from v = 0 and the output A V, A = exp(S + u + v) with the last
@@ -121,10 +148,14 @@ class BlockKernel:
                 if support.row_has_mass is not None:
                     u = u.masked_fill(~query_rows(support.row_has_mass, rows), 0.0)
                 u_parts.append(u)
-                if column:  # this block's share of lse_q(log E + u), online against a running peak
-                    peak = u.amax(-2, keepdim=True)
+                if column:  # this block's share of lse_q(log E + u) over the valid queries, online
+                    valid = query_rows(support.query_valid, rows)
+                    share = u if valid is None else u.masked_fill(~valid, MASKED_LOGIT)
+                    peak = share.amax(-2, keepdim=True)
                     peak = peak if total_peak is None else torch.maximum(total_peak, peak)
-                    part = torch.matmul((u - peak).exp().transpose(-1, -2), kernel)
+                    # a block of padded rows only peaks at MASKED_LOGIT: the first valid row's peak rescales its
+                    # sum by exp(MASKED_LOGIT - peak) = 0 (and a sequence with no valid row has no column mass)
+                    part = torch.matmul((share - peak).exp().transpose(-1, -2), kernel)
                     total = part if total is None else total.mul_((total_peak - peak).exp()).add_(part)
                     total_peak = peak
                 elif values is not None:
@@ -200,25 +231,26 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
 
 
 class KernelStreamingAttention(torch.autograd.Function):
-    """(query, key, value, bias, allowed, options) -> output (..., Lq, Dv), for the calls
+    """(query, key, value, bias, allowed, query_valid, options) -> output (..., Lq, Dv), for the calls
     :func:`kernel_streaming_supports` accepts."""
 
     @staticmethod
-    def forward(ctx, query, key, value, bias, allowed, options: RouteOptions):
-        kernel = BlockKernel(query, key, bias, allowed, options.scale, options.block_size)
+    def forward(ctx, query, key, value, bias, allowed, query_valid, options: RouteOptions):
+        kernel = BlockKernel(query, key, bias, allowed, query_valid, options.scale, options.block_size)
         us, vs, output = kernel.forward_steps(options.settings.iterations, value)
         ctx.options, ctx.counts = options, (len(us), len(vs))
         offsets = (kernel.row_offset, kernel.column_offset)
-        ctx.save_for_backward(query, key, value, bias, allowed, output, *offsets, *us, *vs)
+        ctx.save_for_backward(query, key, value, bias, allowed, query_valid, output, *offsets, *us, *vs)
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        query, key, value, bias, allowed, output, row_offset, column_offset, *rest = ctx.saved_tensors
+        query, key, value, bias, allowed, query_valid, output, row_offset, column_offset, *rest = ctx.saved_tensors
         options: RouteOptions = ctx.options
         n_us, _ = ctx.counts
         us, vs = list(rest[:n_us]), list(rest[n_us:])
-        kernel = BlockKernel(query, key, bias, allowed, options.scale, options.block_size, (row_offset, column_offset))
+        offsets = (row_offset, column_offset)
+        kernel = BlockKernel(query, key, bias, allowed, query_valid, options.scale, options.block_size, offsets)
         support = kernel.support
         final = kernel.plan(us[-1], vs[-1], False)
         unrolled, deferred = options.settings.backward != "implicit", None
@@ -273,4 +305,4 @@ class KernelStreamingAttention(torch.autograd.Function):
                 matmul_into(left, rights, out).mul_(block)
                 contract(query, key, options.scale, rows, out, targets)
         grad_value = grad_value if ctx.needs_input_grad[2] else None
-        return targets["query"], targets["key"], grad_value, targets["bias"], None, None
+        return targets["query"], targets["key"], grad_value, targets["bias"], None, None, None

@@ -226,5 +226,5 @@ def streaming_attention(query, key, value, bias, allowed, query_valid, options: 
     """The streaming route: in the kernel domain (:mod:`.kernel_streaming`) where it covers the call, else the
     log-domain blocks with a fused SDPA final pass (:class:`StreamingSinkhornAttention`)."""
     if kernel_streaming_supports(query, key, query_valid, options):
-        return KernelStreamingAttention.apply(query, key, value, bias, allowed, options)
+        return KernelStreamingAttention.apply(query, key, value, bias, allowed, query_valid, options)
     return StreamingSinkhornAttention.apply(query, key, value, bias, allowed, query_valid, options)

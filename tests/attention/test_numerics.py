@@ -83,14 +83,17 @@ def test_float64_at_scores_of_1e4_equals_autograd_through_the_reference(iteratio
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-9 * max(1.0, theirs.abs().max().item()))
 
 
-@pytest.mark.parametrize("iterations", [2, 3, 4, 5])
+@pytest.mark.parametrize(
+    ("iterations", "padded_queries"), [(2, False), (3, False), (4, False), (5, False), (3, True), (5, True)]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_kernel_streaming_at_scores_of_1e4_matches_the_reference(iterations, dtype):
-    """Every query in the marginals (no query validity, padded keys): the streaming route's kernel domain, whose
-    two shifts keep every block of E within range, gives the log-domain reference at ±1e4."""
-    tensors, allowed, _ = extreme_case(dtype, seed=20 + iterations)
-    out = route(tensors, allowed, None, iterations, "streaming")
-    expected = reference(tensors, allowed, None, iterations)
+def test_kernel_streaming_at_scores_of_1e4_matches_the_reference(iterations, padded_queries, dtype):
+    """The streaming route's kernel domain, whose two shifts (and the padded queries' own row shift, for odd K)
+    keep every block of E within range, gives the log-domain reference at ±1e4, padded keys and queries."""
+    tensors, allowed, valid = extreme_case(dtype, seed=20 + iterations)
+    valid = valid if padded_queries else None
+    out = route(tensors, allowed, valid, iterations, "streaming")
+    expected = reference(tensors, allowed, valid, iterations)
     tolerance = 16 * torch.finfo(torch.float32).eps * PEAK if dtype == torch.float32 else 1e-9
     torch.testing.assert_close(out, expected.to(dtype), rtol=0, atol=tolerance)
     upstream = torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))

@@ -70,6 +70,27 @@ def test_kernel_streaming_equals_dense(iterations, padded, with_bias, backward):
     assert_same(streamed, dense, [*tensors] + ([masks["bias"]] if with_bias else []))
 
 
+@pytest.mark.parametrize("iterations", [3, pytest.param(5, marks=SLOW)])
+@pytest.mark.parametrize("block_size", [1, 3])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_kernel_streaming_with_padded_queries_equals_dense(iterations, block_size, side):
+    """Padded queries (outside the column marginals), odd K: the kernel-domain streaming route, their own row shift
+    settled block by block, equals the dense route, with blocks holding only padded rows (left padding puts them
+    first, before any valid row has set the running peak of the column sums)."""
+    tensors, masks = problem(bias=True, seed=block_size)
+    if side == "left":
+        masks = {name: mask.flip(-2) if name == "query_valid" else mask for name, mask in masks.items()}
+        masks["allowed"] = masks["query_valid"].transpose(-1, -2).expand_as(masks["allowed"])
+    calls = []
+    original = streaming_module.KernelStreamingAttention.apply
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(streaming_module.KernelStreamingAttention, "apply", lambda *a: calls.append(1) or original(*a))
+        streamed = run(tensors, masks, iterations=iterations, streaming=True, block_size=block_size)
+    assert calls, "the kernel-domain streaming Function was not used"
+    dense = run(tensors, masks, iterations=iterations, streaming=False)
+    assert_same(streamed, dense, [*tensors, masks["bias"]])
+
+
 class LargestOutput(TorchDispatchMode):
     """Records the largest tensor (in bytes) any operator returns."""
 
