@@ -6,9 +6,10 @@ settings, each arm a ``scripts/run_glue.py`` run in its own process.
         --out runs/adjoint_arms
 
 Per run: dev accuracy, final training loss and training time from the run's ``results.json``, and the peak resident
-memory of its process (``wait4``'s ``ru_maxrss``: model, AdamW state and activations together). A run is done when
-``OUT/TASK/ARM/seed_S/results.json`` exists, so a killed grid resumes where it stopped and several instances may
-share OUT with different arms. Writes OUT/TASK/results.json and OUT/TASK/table.md (atomically; mean ± standard
+memory of its process (``wait4``'s ``ru_maxrss``: model, AdamW state and activations together). The arms that train
+LoRA adapters use ``--lora_learning_rate`` (LoRA's usual, larger rate), the others ``--learning_rate``. A run is
+done when ``OUT/TASK/ARM/seed_S/record.json`` exists, so a killed grid resumes where it stopped and several
+instances may share OUT with different arms. Writes OUT/TASK/results.json and OUT/TASK/table.md (atomically; mean ± standard
 deviation over seeds, difference to the ``full`` arm's mean) and prints the table.
 """
 
@@ -46,10 +47,11 @@ RUN_GLUE = Path(__file__).with_name("run_glue.py")
 def run_command(args: argparse.Namespace, arm: str, seed: int, output_dir: Path) -> list[str]:
     """The run_glue.py command line of one (arm, seed) run."""
     train, dev = (str(Path(args.data) / name) for name in TASK_FILES[args.task])
+    learning_rate = args.lora_learning_rate if "--lora_r" in ARMS[arm] else args.learning_rate
     return [
         sys.executable, str(RUN_GLUE), "--model_name_or_path", args.model, "--task_name", args.task,
         "--train_file", train, "--validation_file", dev, "--max_train_samples", str(args.max_train_samples),
-        "--max_length", "128", "--per_device_train_batch_size", "32", "--learning_rate", str(args.learning_rate),
+        "--max_length", "128", "--per_device_train_batch_size", "32", "--learning_rate", str(learning_rate),
         "--warmup_ratio", "0.06", "--num_train_epochs", "1", "--seed", str(seed), "--attn_implementation", "sdpa",
         "--logging_steps", "10", "--output_dir", str(output_dir), "--overwrite_output_dir", *ARMS[arm],
     ]  # fmt: skip
@@ -126,7 +128,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[42])
     parser.add_argument("--max_train_samples", type=int, default=2000)
-    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--learning_rate", type=float, default=1e-4, help="of the arms that train every weight")
+    parser.add_argument("--lora_learning_rate", type=float, default=1e-3, help="of the arms that train LoRA adapters")
     parser.add_argument("--out", default="runs/adjoint_arms")
     args = parser.parse_args(argv)
     if args.max_train_samples < 1:
@@ -153,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         record = run_one(args, arm, seed)
         print(f"    accuracy {100 * record['accuracy']:.2f} % in {time.monotonic() - started:.0f} s", flush=True)
         settings = {"model": args.model, "task": args.task, "max_train_samples": args.max_train_samples,
-                    "learning_rate": args.learning_rate, "command": " ".join(sys.argv)}  # fmt: skip
+                    "learning_rate": args.learning_rate, "lora_learning_rate": args.lora_learning_rate,
+                    "command": " ".join(sys.argv)}  # fmt: skip
         summary = write_grid_results(task_dir / "results.json", settings, finished_runs(task_dir), summarise)
         write_text_atomic(task_dir / "table.md", render(summary))
     summary = summarise(finished_runs(task_dir))

@@ -31,7 +31,10 @@ def test_each_arm_runs_run_glue_with_its_own_flags_and_the_shared_settings(arms,
     assert value("--seed") == "7" and value("--task_name") == "rte" and value("--train_file").endswith("d/train.tsv")
     assert "--overwrite_output_dir" in command  # a run killed half-way is started again, its files moved aside
     assert "--adjoint" not in arms.run_command(args, "full", 7, tmp_path)
-    assert arms.run_command(args, "lora", 7, tmp_path)[-2:] == ["--lora_r", "8"]
+    lora = arms.run_command(args, "lora", 7, tmp_path)
+    assert lora[-2:] == ["--lora_r", "8"]
+    assert lora[lora.index("--learning_rate") + 1] == "0.001"  # adapters train at LoRA's usual, larger rate
+    assert command[command.index("--learning_rate") + 1] == "0.0001"
 
 
 def test_summary_gives_mean_spread_and_difference_to_full(arms):
