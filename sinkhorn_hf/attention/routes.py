@@ -6,8 +6,9 @@
 - Dense (below the streaming threshold, or when the weights are asked for): one autograd Function that computes
   the scores once, in the kernel domain where its scalings fit the dtype (else the log domain), with its own
   backward (:mod:`.dense`, :mod:`.kernel`).
-- Streaming (long sequences): score blocks with an online logsumexp for the K steps and a fused SDPA call with
-  the last column potential as a key bias for the final pass; never an N×N matrix (:mod:`.streaming`).
+- Streaming (long sequences): never an N×N matrix; blocks of E in the kernel domain where they cover the call
+  (:mod:`.kernel_streaming`), else score blocks with an online logsumexp for the K steps and a fused SDPA call
+  with the last column potential as a key bias for the final pass (:mod:`.streaming`).
 """
 
 from __future__ import annotations
