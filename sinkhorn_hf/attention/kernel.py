@@ -48,10 +48,21 @@ def matmul_into(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
     return torch.matmul(a, b, out=out)
 
 
+def vector_times(vector: Tensor, matrix: Tensor) -> Tensor:
+    """vector @ matrix, (..., 1, L) and (..., L, M) -> (..., 1, M).
+
+    Under torch.compile on CPU a zero second row keeps it a matrix product: inductor lowers a one-row product to a
+    multiply-and-sum and fuses it with whatever made ``matrix``, so every half-step would recompute exp over E
+    (measured: the compiled dense route took 2.9× SDPA's forward, against 1.9× eager)."""
+    if not (torch.compiler.is_compiling() and vector.device.type == "cpu"):
+        return torch.matmul(vector, matrix)
+    return torch.matmul(torch.cat([vector, torch.zeros_like(vector)], -2), matrix)[..., :1, :]
+
+
 def row_sums(matrix: Tensor, weight: Tensor) -> Tensor:
     """matrix @ weightᵀ, (..., Lq, Lk) and (..., 1, Lk) -> (..., Lq, 1), as (weight @ matrixᵀ)ᵀ: a third faster
     than the column-vector product on CPU (measured: 44 vs 63 ms at 48×512×512, one thread)."""
-    return torch.matmul(weight, matrix.transpose(-1, -2)).transpose(-1, -2)
+    return vector_times(weight, matrix.transpose(-1, -2)).transpose(-1, -2)
 
 
 def add_mask_(logits: Tensor, bias: Tensor | None, allowed: Tensor | None) -> None:
@@ -145,7 +156,7 @@ class ShiftedKernel:
         if self.support.query_valid is not None:
             u = u.masked_fill(~self.support.query_valid, MASKED_LOGIT)
         peak = u.amax(-2, keepdim=True)
-        sums = torch.matmul((u - peak).exp().transpose(-1, -2), self.matrix)
+        sums = vector_times((u - peak).exp().transpose(-1, -2), self.matrix)
         return peak + sums.clamp_min(torch.finfo(sums.dtype).tiny).log()
 
     def plan(self, row_shift: Tensor, column_shift: Tensor | float, column: bool) -> KernelPlan:
@@ -173,7 +184,7 @@ class KernelPlan(Plan):
 
     def rtimes(self, weight: Tensor) -> Tensor:
         """(..., Lq, 1) -> (..., 1, Lk)."""
-        return self.y * torch.matmul((self.x * weight).transpose(-1, -2), self.kernel)
+        return self.y * vector_times((self.x * weight).transpose(-1, -2), self.kernel)
 
     def gram(self, weight: Tensor, row_weight: Tensor) -> Tensor:
         return self.rtimes(row_weight * self.times(weight))

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .implicit import implicit_terms
 from .iterations import step_plans, unrolled_terms
-from .kernel import add_mask_, kernel_domain_fits, matmul_into, rank_factors, row_sums
+from .kernel import add_mask_, kernel_domain_fits, matmul_into, rank_factors, row_sums, vector_times
 from .scores import LN2, LOG2E, MASKED_LOGIT, Plan, add_product_, contract, marginal_support, query_blocks, query_rows
 from .settings import RouteOptions
 
@@ -155,7 +155,7 @@ class BlockKernel:
                     peak = peak if total_peak is None else torch.maximum(total_peak, peak)
                     # a block of padded rows only peaks at MASKED_LOGIT: the first valid row's peak rescales its
                     # sum by exp(MASKED_LOGIT - peak) = 0 (and a sequence with no valid row has no column mass)
-                    part = torch.matmul((share - peak).exp().transpose(-1, -2), kernel)
+                    part = vector_times((share - peak).exp().transpose(-1, -2), kernel)
                     total = part if total is None else total.mul_((total_peak - peak).exp()).add_(part)
                     total_peak = peak
                 elif values is not None:
@@ -189,7 +189,7 @@ class BlockKernelPlan(Plan):
         """(..., Lq, 1) -> (..., 1, Lk)."""
         weight, total = self.x * weight, 0
         for index, rows in enumerate(self.kernel.slices):
-            total = total + torch.matmul(weight[..., rows, :].transpose(-1, -2), self.kernel.block(index))
+            total = total + vector_times(weight[..., rows, :].transpose(-1, -2), self.kernel.block(index))
         return self.y * total
 
     def gram(self, weight: Tensor, row_weight: Tensor) -> Tensor:

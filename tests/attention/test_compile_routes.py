@@ -14,6 +14,7 @@ ROUTES = {
     "dense": dict(iterations=3, streaming=False),
     "streaming": dict(iterations=4, streaming=True, block_size=3),
     "streaming-kernel": dict(iterations=3, streaming=True, block_size=3),  # no query validity: kernel domain
+    "streaming-kernel-padded": dict(iterations=3, streaming=True, block_size=3),  # odd K: kernel domain too
 }
 CASES = [
     pytest.param(route, train, id=f"{route}-{'train' if train else 'forward'}", marks=pytest.mark.slow)
@@ -50,3 +51,20 @@ def test_fullgraph_compile_equals_eager(route, train):
         wanted = torch.autograd.grad(expected.square().sum(), tensors)
         for mine, theirs in zip(got, wanted, strict=True):
             torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_dense_route_exponentiates_the_scores_once():
+    """Inductor lowers a one-row matrix product on CPU to a multiply-and-sum and fuses it with its input's producer:
+    each half-step's product with E would recompute exp over all N² scores. The route keeps them matrix products
+    (a zero second row), so the generated forward exponentiates the scores in one loop."""
+    from torch._inductor.utils import run_and_get_code
+
+    settings = SinkhornSettings(iterations=3, streaming=False)
+    q, k, v = (torch.randn(2, 2, 32, 4) for _ in range(3))
+    compiled = torch.compile(lambda q, k, v: sinkhorn_attention(q, k, v, settings=settings)[0], fullgraph=True)
+    with torch.no_grad():
+        out, (code, *_) = run_and_get_code(compiled, q, k, v)
+    torch.testing.assert_close(out, sinkhorn_attention(q, k, v, settings=settings)[0], rtol=1e-5, atol=1e-5)
+    # one loop over the scores (and at most its scalar tail); per half-step recomputation made it 4 and more
+    assert code.count(".exp2(") <= 2, code
