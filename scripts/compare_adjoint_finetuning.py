@@ -9,8 +9,8 @@ Per run: dev accuracy, final training loss and training time from the run's ``re
 memory of its process (``wait4``'s ``ru_maxrss``: model, AdamW state and activations together). The arms that train
 LoRA adapters use ``--lora_learning_rate`` (LoRA's usual, larger rate), the others ``--learning_rate``. A run is
 done when ``OUT/TASK/ARM/seed_S/record.json`` exists, so a killed grid resumes where it stopped and several
-instances may share OUT with different arms. Writes OUT/TASK/results.json and OUT/TASK/table.md (atomically; mean ± standard
-deviation over seeds, difference to the ``full`` arm's mean) and prints the table.
+instances may share OUT with different arms. Writes OUT/TASK/results.json and OUT/TASK/table.md (atomically;
+mean ± standard deviation over seeds, difference to the ``full`` arm's mean) and prints the table.
 """
 
 from __future__ import annotations

@@ -59,12 +59,17 @@ class BlockKernel:
         batch_shape = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2])
         rows = self.slices[0].stop
         self._scratch = torch.empty((*batch_shape, rows, n_k), dtype=query.dtype, device=query.device)
-        self.row_offset, self.column_offset = self._shifts() if offsets is None else offsets
+        self.row_offset = self.column_offset = None
+        if offsets is not None:
+            self._set_offsets(*offsets)
+
+    def _set_offsets(self, row_offset: Tensor, column_offset: Tensor) -> None:
+        self.row_offset, self.column_offset = row_offset, column_offset
         # scale·Q Kᵀ - m 1ᵀ - 1 cᵀ = [Q, -m, 1] [scale·K, 1, -c]ᵀ in base 2: a block's left factor is one cat
-        ones = torch.ones_like(self.column_offset).transpose(-1, -2)
-        columns = self.column_offset.transpose(-1, -2) * -LOG2E
-        self._right = torch.cat([key * (scale * LOG2E), ones, columns], -1).transpose(-1, -2)
-        self._row_terms = torch.cat([self.row_offset * -LOG2E, torch.ones_like(self.row_offset)], -1)
+        ones = torch.ones_like(column_offset).transpose(-1, -2)
+        columns = column_offset.transpose(-1, -2) * -LOG2E
+        self._right = torch.cat([self.key * (self.scale * LOG2E), ones, columns], -1).transpose(-1, -2)
+        self._row_terms = torch.cat([row_offset * -LOG2E, torch.ones_like(row_offset)], -1)
 
     def scratch(self, index: int) -> Tensor:
         rows = self.slices[index]
@@ -79,25 +84,56 @@ class BlockKernel:
         add_mask_(out, query_rows(self.bias, rows), query_rows(self.allowed, rows))
         return out
 
-    def _shifts(self) -> tuple[Tensor, Tensor]:
-        """m (row maxima of S) and c (column maxima of S - m over the valid queries), natural, with one pass over
-        the blocks."""
-        rows_mass, columns_mass, valid, _ = self.support
-        row_max, column_max = [], None
+    def _first_steps(self, column: bool) -> tuple[Tensor, Tensor | None]:
+        """The shifts, and in the same pass the first row step from v = 0 and (``column``) the first column step:
+        u₀ (..., Lq, 1) and v₁ (..., 1, Lk) relative to the shifts, which it sets (m the row maxima of S, c the
+        column maxima of S - m over the valid queries).
+
+        The column maxima are running ones: block b is exponentiated against c over blocks ≤ b (entries ≤ 1, a 1 in
+        every column seen), its row sums weighted by 2^c give Σ_k exp(S - m) (a dropped term is below 2^c, against
+        the row's 1), and the column sums gathered so far are rescaled as c grows. A column whose entries so far
+        are all masked shifts by 0 meanwhile (its entries are then exactly 0). Padded queries are masked out of E
+        here (they take their own row shift when their block is first rebuilt; see :meth:`block`), so their u₀ is
+        0: a value no later step reads with a nonzero weight, since the column plans zero their rows.
+        """
+        rows_mass, columns_mass, valid, log_target = self.support
+        tiny = torch.finfo(self.query.dtype).tiny
+        row_max, u_parts, column_max, shift, total = [], [], None, None, None
         for index, rows in enumerate(self.slices):
             logits = self._logits(index)
             peak = logits.amax(-1, keepdim=True)
             if rows_mass is not None:  # a row without mass keeps MASKED_LOGIT: E is 0 there
                 peak = peak.masked_fill(~query_rows(rows_mass, rows), 0.0)
-            shifted = logits.sub_(peak)
-            if valid is not None:  # padded queries out of the maxima (an addition: see add_mask_)
-                shifted = shifted + torch.where(query_rows(valid, rows), 0.0, MASKED_LOGIT).to(shifted.dtype)
-            here = shifted.amax(-2, keepdim=True)
+            logits.sub_(peak)
+            valid_rows = query_rows(valid, rows)
+            if valid_rows is not None:  # padded queries out of the maxima and of E (an addition: see add_mask_)
+                logits.add_(torch.where(valid_rows, 0.0, MASKED_LOGIT).to(logits.dtype))
+            here = logits.amax(-2, keepdim=True)
             column_max = here if column_max is None else torch.maximum(column_max, here)
+            new_shift = torch.where(column_max > MASKED_LOGIT / 2, column_max, 0.0)
+            if total is not None:  # c grew: rescale (a placeholder 0 leaves a sum of exact zeros)
+                total.mul_((shift - new_shift).clamp_max(0.0).exp2())
+            shift = new_shift
+            kernel = logits.sub_(shift).exp2_()
+            u = -row_sums(kernel, shift.exp2()).clamp_min(tiny).log()
+            if rows_mass is not None:
+                u = u.masked_fill(~query_rows(rows_mass, rows), 0.0)
+            if valid_rows is not None:
+                u = u.masked_fill(~valid_rows, 0.0)
+            u_parts.append(u)
             row_max.append(peak)
+            if column:  # this block's share of Σ_q E exp(u) (its padded rows are 0 in E)
+                part = vector_times(u.exp().transpose(-1, -2), kernel)
+                total = part if total is None else total.add_(part)
         if columns_mass is not None:
-            column_max = column_max.masked_fill(~columns_mass, 0.0)
-        return torch.cat(row_max, -2) * LN2, column_max * LN2
+            shift = shift.masked_fill(~columns_mass, 0.0)
+        self._set_offsets(torch.cat(row_max, -2) * LN2, shift * LN2)
+        if not column:
+            return torch.cat(u_parts, -2), None
+        v = log_target - total.clamp_min(tiny).log()
+        if columns_mass is not None:
+            v = v.masked_fill(~columns_mass, 0.0)
+        return torch.cat(u_parts, -2), v
 
     def block(self, index: int) -> Tensor:
         """E on block ``index`` (..., rows, Lk), in the scratch buffer: one product, one exponential."""
@@ -135,8 +171,9 @@ class BlockKernel:
         """``steps`` half-steps (rows first) from v = 0 and the output A V, A = exp(S + u + v) with the last
         iterates: row potentials after each row step, column potentials (relative) after each column step."""
         support, tiny = self.support, torch.finfo(self.query.dtype).tiny
-        us, vs, v, output = [], [], self.column_offset, None
-        for first in range(0, steps, 2):
+        u, v = self._first_steps(steps > 1)
+        us, vs, output = [u], [] if v is None else [v], None
+        for first in range(2, steps, 2):
             column = first + 1 < steps
             peak_v = v.amax(-1, keepdim=True)
             y = (v - peak_v).exp()
@@ -168,8 +205,8 @@ class BlockKernel:
                 vs.append(v)
             if out_parts:
                 output = torch.cat(out_parts, -2)
-        if output is None:  # even K: the last step is a column step
-            output = self.plan(us[-1], vs[-1], False).times_values(value)
+        if output is None:  # even K (or K = 1): the last pass made no output
+            output = self.plan(us[-1], vs[-1] if vs else 0.0, False).times_values(value)
         return us, vs, output
 
 
