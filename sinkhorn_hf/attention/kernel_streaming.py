@@ -1,12 +1,13 @@
 """Streaming Sinkhorn attention in the kernel domain: the dense route's E = exp(S - m 1ᵀ - 1 cᵀ) (:mod:`.kernel`),
 recomputed one block of query rows at a time and never held whole.
 
-One pass finds the shifts (row maxima m, then the running column maxima c of S - m). Every later pass rebuilds a
-block of E with one matrix product (the shifts appended to the query block and to K) and one exponential, and
+The first pass finds the shifts (row maxima m, then the running column maxima c of S - m) and takes the first
+row step and the first column step's sums with them (:meth:`BlockKernel._first_steps`). Every later pass rebuilds
+a block of E with one matrix product (the shifts appended to the query block and to K) and one exponential, and
 does all it can with it: a row step and, as soon as the block's new row potentials are known, its share of the
 next column step (an online sum across blocks, rescaled to a running peak), or the last row step and the output
-x ⊙ E (y ⊙ V). So K half-steps cost 1 + ⌈K/2⌉ passes (one more for even K, the output), against K passes of
-max, subtract, exp and sum in the log domain. The backward is the dense kernel route's, block by block: dV, the
+x ⊙ E (y ⊙ V). So K half-steps cost ⌈K/2⌉ passes (one more for even K, the output), against K passes of max,
+subtract, exp and sum in the log domain. The backward is the dense kernel route's, block by block: dV, the
 reverse sweep's products with E, then dS = E ⊙ ((x ⊙ dO)(y ⊙ V)ᵀ - X Yᵀ) per block, contracted into dQ, dK.
 
 Padded queries (outside the column marginals) are left out of the column maxima and get their own row shift against
