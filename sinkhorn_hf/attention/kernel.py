@@ -160,16 +160,24 @@ class ShiftedKernel:
         return peak + sums.clamp_min(torch.finfo(sums.dtype).tiny).log()
 
     def plan(self, row_shift: Tensor, column_shift: Tensor | float, column: bool) -> KernelPlan:
-        """exp(log E + row_shift + column_shift) on the row (``column`` False) or column-marginal support, as
-        E ⊙ x yᵀ with y at most 1. Shifts are relative potentials; a number as ``column_shift`` is an absolute
-        one (the start, v = 0)."""
-        if not isinstance(column_shift, Tensor):
-            column_shift = self.column_offset + column_shift
-        peak = column_shift.amax(-1, keepdim=True)
-        x = (row_shift + peak).exp()
-        if column and self.support.query_valid is not None:
-            x = x.masked_fill(~self.support.query_valid, 0.0)
-        return KernelPlan(self.matrix, x, (column_shift - peak).exp())
+        """exp(log E + row_shift + column_shift) as E ⊙ x yᵀ (see :func:`plan_scalings`)."""
+        scalings = plan_scalings(self.column_offset, self.support.query_valid, row_shift, column_shift, column)
+        return KernelPlan(self.matrix, *scalings)
+
+
+def plan_scalings(
+    column_offset: Tensor, query_valid: Tensor | None, row_shift: Tensor, column_shift: Tensor | float, column: bool
+) -> tuple[Tensor, Tensor]:
+    """x (..., Lq, 1) and y (..., 1, Lk), y at most 1, with exp(log E + row_shift + column_shift) = E ⊙ x yᵀ on the
+    row (``column`` False) or column-marginal support (x is 0 on the queries outside ``query_valid``). Shifts are
+    relative potentials; a number as ``column_shift`` is an absolute one (the start, v = 0)."""
+    if not isinstance(column_shift, Tensor):
+        column_shift = column_offset + column_shift
+    peak = column_shift.amax(-1, keepdim=True)
+    x = (row_shift + peak).exp()
+    if column and query_valid is not None:
+        x = x.masked_fill(~query_valid, 0.0)
+    return x, (column_shift - peak).exp()
 
 
 class KernelPlan(Plan):

@@ -26,7 +26,15 @@ from torch import Tensor
 
 from .implicit import implicit_terms
 from .iterations import step_plans, unrolled_terms
-from .kernel import add_mask_, kernel_domain_fits, matmul_into, rank_factors, row_sums, vector_times
+from .kernel import (
+    add_mask_,
+    kernel_domain_fits,
+    matmul_into,
+    plan_scalings,
+    rank_factors,
+    row_sums,
+    vector_times,
+)
 from .scores import LN2, LOG2E, MASKED_LOGIT, Plan, add_product_, contract, marginal_support, query_blocks, query_rows
 from .settings import RouteOptions
 
@@ -158,15 +166,9 @@ class BlockKernel:
         self._unsettled.discard(index)
 
     def plan(self, row_shift: Tensor, column_shift: Tensor | float, column: bool) -> BlockKernelPlan:
-        """exp(log E + row_shift + column_shift) on the row (``column`` False) or column-marginal support as
-        E ⊙ x yᵀ (relative potentials, as :meth:`ShiftedKernel.plan`)."""
-        if not isinstance(column_shift, Tensor):
-            column_shift = self.column_offset + column_shift
-        peak = column_shift.amax(-1, keepdim=True)
-        x = (row_shift + peak).exp()
-        if column and self.support.query_valid is not None:
-            x = x.masked_fill(~self.support.query_valid, 0.0)
-        return BlockKernelPlan(self, x, (column_shift - peak).exp())
+        """exp(log E + row_shift + column_shift) as E ⊙ x yᵀ (see :func:`.kernel.plan_scalings`)."""
+        scalings = plan_scalings(self.column_offset, self.support.query_valid, row_shift, column_shift, column)
+        return BlockKernelPlan(self, *scalings)
 
     def forward_steps(self, steps: int, value: Tensor) -> tuple[list[Tensor], list[Tensor], Tensor]:
         """``steps`` half-steps (rows first) from v = 0 and the output A V, A = exp(S + u + v) with the last
