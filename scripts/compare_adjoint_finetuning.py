@@ -26,7 +26,7 @@ from pathlib import Path
 
 from experiment_files import markdown_table, write_grid_results
 
-from sinkhorn_hf.atomic_files import write_text_atomic
+from sinkhorn_hf.atomic_files import write_json_atomic, write_text_atomic
 
 REVERSIBLE_SMALL = ["--adjoint", "reversible", "--adjoint_coupling", "0.1", "--adjoint_tolerance", "0.1"]
 # arm -> the run_glue.py flags that make it
@@ -77,7 +77,7 @@ def run_one(args: argparse.Namespace, arm: str, seed: int) -> dict:
         "train_steps": results["train_steps"],
         "peak_rss_mb": usage.ru_maxrss / 1024,  # Linux reports KiB
     }
-    (output_dir / "record.json").write_text(json.dumps(record))
+    write_json_atomic(output_dir / "record.json", record)  # its existence marks the run done: never half of one
     return record
 
 

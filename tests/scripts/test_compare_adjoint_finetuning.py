@@ -68,3 +68,37 @@ def test_bad_arguments_are_refused(arms, capsys):
     assert "--max_train_samples must be at least 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         arms.parse(["--model", "m", "--data", "d", "--arms", "euler"])
+
+
+FAKE_RUN_GLUE = """
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[sys.argv.index("--output_dir") + 1])
+results = {"metrics": {"accuracy": 0.75}, "train_loss": 0.5, "train_runtime_s": 6.0, "train_steps": 3}
+(out / "results.json").write_text(json.dumps(results))
+"""
+
+
+def test_a_record_interrupted_while_written_leaves_none_so_the_run_is_done_again(arms, tmp_path, monkeypatch):
+    """The record marks a run finished: a kill while it is written must not leave half of one, which would break
+    every later resume of the grid (the run is simply done again)."""
+    fake = tmp_path / "run_glue.py"
+    fake.write_text(FAKE_RUN_GLUE)
+    monkeypatch.setattr(arms, "RUN_GLUE", fake)
+    args = arms.parse(["--model", "m", "--data", "d", "--out", str(tmp_path / "out")])
+
+    def killed_half_way(self, text, *a, **k):
+        with open(self, "w") as file:
+            file.write(text[: len(text) // 2])
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(arms.Path, "write_text", killed_half_way)
+        patch.setattr(arms.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            arms.run_one(args, "full", 42)
+    task_dir = tmp_path / "out" / "sst2"
+    assert arms.finished_runs(task_dir) == []  # no record, not half of one
+    assert list((task_dir / "full" / "seed_42").glob(".*.tmp")) == []
+    record = arms.run_one(args, "full", 42)
+    assert arms.finished_runs(task_dir) == [record] and record["accuracy"] == 0.75 and record["peak_rss_mb"] > 0
