@@ -54,8 +54,9 @@ class BlockKernel:
     """E = exp(S - m 1ᵀ - 1 cᵀ) (..., Lq, Lk) in blocks of query rows; S = scale·Q Kᵀ + bias on ``allowed``.
 
     ``query_valid`` (..., Lq, 1) bool or None: the queries in the column marginals. ``offsets`` (m (..., Lq, 1),
-    c (..., 1, Lk), natural): the shifts when known (the backward); None finds them with one pass, the padded
-    queries' own row shifts being settled by the first rebuild of each block (:meth:`block`).
+    c (..., 1, Lk), natural): the shifts when known (the backward); None: the forward's first pass finds them
+    (:meth:`forward_steps`), the padded queries' own row shifts being settled by the next rebuild of each block
+    (:meth:`block`).
     """
 
     def __init__(self, query, key, bias, allowed, query_valid, scale: float, block_size: int, offsets=None) -> None:
